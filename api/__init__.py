@@ -1,0 +1,1 @@
+"""Sleuth api layer."""

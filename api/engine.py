@@ -1,0 +1,149 @@
+"""What the API loads once at start-up: the store, models and searcher; searches, refines and ingests.
+
+The searcher is ``search.query.Searcher`` when that module exists, else ``api.copy_search.CopySearcher``.
+After an ingest (in this process or in another worker), the saved indexes change; ``maybe_reload`` notices
+(the index info files' modification times) and swaps in a fresh searcher, so new images are found.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from api.settings import ApiSettings
+from indexer.decode import DecodedImage
+from indexer.settings import Settings
+from indexer.store.db import Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def load_embedder(settings: Settings) -> Any:
+    """The configured CLIP embedder, or None when none is configured (copy detection still works)."""
+    if not settings.clip_model:
+        return None
+    from indexer.embedders import load_embedder as load
+
+    return load(settings.clip_model, device=settings.device, batch_size=settings.batch_size)
+
+
+def load_face_detector(settings: Settings) -> Any:
+    if not settings.face_detector:
+        return None
+    from indexer.faces import FaceDetector
+
+    return FaceDetector.from_dir(settings.face_detector, device=settings.device)
+
+
+class Engine:
+    """Models, store and searcher of one server (or worker) process; thread-safe searches."""
+
+    def __init__(self, settings: Settings, api_settings: ApiSettings, *, store: Store | None = None) -> None:
+        self.settings, self.api_settings = settings, api_settings
+        self.store = store or open_store(settings)
+        self.embedder = load_embedder(settings)
+        self.face_detector = load_face_detector(settings)
+        self._lock = threading.Lock()
+        self._signature = self._index_signature()
+        self._last_check = time.monotonic()
+        self.searcher: Any = self._open_searcher()
+        self.loaded_at = dt.datetime.now(dt.UTC)
+
+    # --- searcher ---------------------------------------------------------------------------------
+    @property
+    def searcher_kind(self) -> str:
+        return type(self.searcher).__module__ + "." + type(self.searcher).__name__
+
+    def _open_searcher(self) -> Any:
+        if _has_module("search.query"):
+            from search.query import Searcher
+
+            return Searcher.open(self.settings, clip_model=self.embedder, face_detector=self.face_detector)
+        from api.copy_search import CopySearcher
+
+        log.warning("search.query is not available: searches use the copy-detection tiers only")
+        return CopySearcher(self.store, self.settings.index_dir)
+
+    def _index_signature(self) -> tuple[tuple[str, int], ...]:
+        folder = self.settings.index_dir
+        if not folder.exists():
+            return ()
+        return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in folder.glob("*.json")))
+
+    def reload(self) -> None:
+        """Open a fresh searcher over the current indexes and swap it in (searches in flight finish on the old)."""
+        signature = self._index_signature()
+        searcher = self._open_searcher()
+        with self._lock:
+            self.searcher, self._signature = searcher, signature
+            self.loaded_at = dt.datetime.now(dt.UTC)
+        log.info("searcher reloaded over %d index files", len(signature))
+
+    def maybe_reload(self) -> bool:
+        """Reload when the saved indexes changed since the last load (checked at most every few seconds)."""
+        now = time.monotonic()
+        if now - self._last_check < self.api_settings.index_reload_check_s:
+            return False
+        self._last_check = now
+        if self._index_signature() == self._signature:
+            return False
+        self.reload()
+        return True
+
+    def search(self, decoded: DecodedImage, *, k: int | None = None) -> dict[str, object]:
+        """The copy and similarity tiers for ``decoded``, as a JSON-ready dict."""
+        self.maybe_reload()
+        searcher = self.searcher
+        k = k or self.api_settings.search_k
+        if hasattr(searcher, "search") and _has_module("search.query") and not _is_copy(searcher):
+            from search.query import result_to_json
+
+            return dict(result_to_json(searcher.search(decoded, k=k)))
+        return dict(searcher.search(decoded, k=k))
+
+    def refine(self, decoded: DecodedImage, base: dict[str, object]) -> dict[str, object]:
+        """Projection evidence for the faces of ``decoded`` (the refine tier), merged into ``base``."""
+        if _has_module("search.refine"):
+            from search import refine as refine_mod
+
+            fn = getattr(refine_mod, "refine_json", None)
+            if fn is not None:
+                return dict(fn(self.settings, decoded, base, store=self.store))
+        out = dict(base)
+        out["refine"] = {
+            "status": "unavailable",
+            "reason": "no projection tier is installed in this server (search.refine); copy and similarity "
+            "tiers above are complete",
+        }
+        return out
+
+    def close(self) -> None:
+        self.store.dispose()
+
+
+def _is_copy(searcher: Any) -> bool:
+    from api.copy_search import CopySearcher
+
+    return isinstance(searcher, CopySearcher)
+
+
+def query_path(settings: Settings, sha256: str) -> Path:
+    """Where a query's original bytes are kept for its refine job (content-addressed)."""
+    return settings.data_dir / "queries" / sha256[:2] / sha256
+
+
+def upload_path(settings: Settings, sha256: str) -> Path:
+    """Where an image uploaded into a collection is kept (the ingest source reads it from there)."""
+    return settings.data_dir / "uploads" / sha256

@@ -1,0 +1,65 @@
+"""The one Settings class of Sleuth (environment prefix ``SLEUTH_``, ``__`` for nesting)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Limits(BaseModel):
+    """Input limits applied by the one decode path (ingest and query alike)."""
+
+    max_bytes: int = Field(50 * 1024 * 1024, description="largest accepted encoded image, in bytes")
+    max_pixels: int = Field(
+        80_000_000, description="largest accepted width*height (decompression-bomb guard)"
+    )
+    max_side: int = Field(30_000, description="largest accepted width or height")
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "MPO")
+    upload_max_bytes: int = Field(20 * 1024 * 1024, description="largest accepted API upload")
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Every field can be set as ``SLEUTH_<FIELD>`` (``SLEUTH_LIMITS__MAX_BYTES``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SLEUTH_", env_nested_delimiter="__", extra="ignore")
+
+    data_dir: Path = Field(Path("./data"), description="database file, indexes and caches")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in data_dir")
+    clip_model: str | None = Field(
+        None,
+        description="CLIP model id: open_clip:ARCH/TAG, local-dir:/path, onnx:/path/model.onnx or a file path",
+    )
+    face_detector: Path | None = Field(None, description="folder with MTCNN's pnet.pt, rnet.pt, onet.pt")
+    lpips_weights: Path | None = Field(None, description="LPIPS backbone + linear layers (safetensors)")
+    device: str = Field("cpu", description="torch device for models: cpu, cuda, cuda:1")
+    batch_size: int = Field(32, ge=1, description="images per embedding batch at ingest")
+    approx_index_threshold: int = Field(
+        200_000,
+        ge=1,
+        description="past this many vectors, ingest builds an approximate index with re-ranking",
+    )
+    environment: str = Field("development", description="development or production")
+    limits: Limits = Field(default_factory=Limits)
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'sleuth.db').resolve()}"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "indexes"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings read once from the environment; tests build their own ``Settings(...)`` instead."""
+    return Settings()

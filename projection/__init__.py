@@ -1,0 +1,1 @@
+"""Sleuth projection layer."""

@@ -1,0 +1,1 @@
+"""Sleuth search layer."""

@@ -1,0 +1,309 @@
+"""The API in-process (FastAPI TestClient, real lifespan): auth on every route, scopes, limits, uploads, jobs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.keys import create_key
+from api.settings import ApiSettings
+from indexer.settings import Limits, Settings
+from indexer.store.db import open_store
+from tests.image_zoo import EXPECTED, build_zoo
+from tests.synthetic_images import synthetic_photo, write_corpus
+
+PUBLIC = {"/healthz", "/readyz", "/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+
+
+def jpeg(seed: int, size: tuple[int, int] | None = None, quality: int = 90) -> bytes:
+    im = synthetic_photo(seed)
+    if size:
+        im = im.resize(size)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+class Api:
+    """A running app plus keys of each scope."""
+
+    def __init__(self, client: TestClient, keys: dict[str, str], roots: Path, settings: Settings) -> None:
+        self.client, self.keys, self.roots, self.settings = client, keys, roots, settings
+
+    def h(self, scope: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[scope]}"}
+
+    def wait_job(self, url: str, scope: str = "admin", timeout_s: float = 60) -> dict[str, object]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job = self.client.get(url, headers=self.h(scope)).json()
+            if job["status"] in ("done", "failed"):
+                return job
+            time.sleep(0.1)
+        raise AssertionError(f"job {url} did not finish")
+
+    def search(self, data: bytes, scope: str = "search", **form: str) -> object:
+        return self.client.post(
+            "/v1/searches", files={"file": ("q.jpg", data, "image/jpeg")}, data=form, headers=self.h(scope)
+        )
+
+
+def make_api(tmp_path: Path, **api_overrides: object) -> Iterator[Api]:
+    settings = Settings(data_dir=tmp_path / "data", limits=Limits(upload_max_bytes=2_000_000))
+    roots = tmp_path / "roots"
+    write_corpus(roots / "corpus", 12)
+    store = open_store(settings)
+    keys = {scope: create_key(store, scope, [scope])[1] for scope in ("search", "ingest", "admin")}
+    keys["other"] = create_key(store, "other investigator", ["search"])[1]
+    store.dispose()
+    api_settings = ApiSettings(**({"ingest_roots": [roots], "rate_limit": "1000/second"} | api_overrides))  # type: ignore[arg-type]
+    with TestClient(create_app(settings, api_settings)) as client:
+        yield Api(client, keys, roots, settings)
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    yield from make_api(tmp_path)
+
+
+@pytest.fixture
+def indexed(api: Api) -> Api:
+    r = api.client.post(
+        "/v1/ingest-jobs",
+        json={"source": str(api.roots / "corpus"), "collection": "crawl"},
+        headers=api.h("ingest"),
+    )
+    assert r.status_code == 202, r.text
+    job = api.wait_job(r.json()["job_url"], "ingest")
+    assert job["status"] == "done", job
+    assert job["result"]["new"] == 12  # type: ignore[index]
+    return api
+
+
+def api_routes(routes: list[object]) -> list[APIRoute]:
+    """Every APIRoute of the app, looking inside included routers (FastAPI keeps them nested)."""
+    found: list[APIRoute] = []
+    for route in routes:
+        if isinstance(route, APIRoute):
+            found.append(route)
+        elif (inner := getattr(route, "original_router", None)) is not None:
+            found.extend(api_routes(list(inner.routes)))
+    return found
+
+
+def _concrete(path: str) -> str:
+    return (
+        path.replace("{job_id}", "00000000-0000-0000-0000-000000000000")
+        .replace("{report_id}", "00000000-0000-0000-0000-000000000000")
+        .replace("{collection_id}", "1")
+        .replace("{image_id}", "1")
+    )
+
+
+def test_every_endpoint_refuses_a_missing_or_wrong_key(api: Api) -> None:
+    routes = [r for r in api_routes(api.client.app.routes) if r.path not in PUBLIC]  # type: ignore[attr-defined]
+    assert len(routes) >= 10
+    wrong_keys = [
+        None, "slk_000000000000_" + "A" * 43, api.keys["search"][:-4] + "AAAA", "Basic abc", "slk_x_y",
+    ]  # fmt: skip
+    for route in routes:
+        for method in route.methods - {"HEAD", "OPTIONS"}:
+            for key in wrong_keys:
+                headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+                r = api.client.request(method, _concrete(route.path), headers=headers)
+                assert r.status_code == 401, (method, route.path, key, r.status_code, r.text)
+                assert r.json()["error"] == "unauthorized" and r.json()["message"]
+                assert r.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_public_routes_are_only_health_docs_and_the_page_shell(api: Api) -> None:
+    assert api.client.get("/healthz").json() == {"status": "ok"}
+    assert api.client.get("/readyz").json()["status"] == "ready"
+    assert "/v1/searches" in api.client.get("/openapi.json").json()["paths"]
+    page = api.client.get("/")
+    assert page.status_code == 200 and "api-key" in page.text and "Content-Security-Policy" in page.headers
+
+
+def test_scopes_search_key_cannot_ingest_or_export_and_admin_can_do_all(api: Api) -> None:
+    r = api.client.post("/v1/collections", json={"name": "x"}, headers=api.h("search"))
+    assert r.status_code == 403 and "ingest" in r.json()["message"]
+    r = api.client.post(
+        "/v1/ingest-jobs", json={"source": str(api.roots), "collection": "x"}, headers=api.h("search")
+    )
+    assert r.status_code == 403
+    assert api.client.get("/v1/audit", headers=api.h("ingest")).status_code == 403
+    assert api.client.get("/metrics", headers=api.h("search")).status_code == 403
+    assert api.search(jpeg(1), scope="ingest").status_code == 403
+    assert api.client.post("/v1/collections", json={"name": "x"}, headers=api.h("admin")).status_code == 201
+    assert api.search(jpeg(1), scope="admin").status_code == 200
+    assert "sleuth_http_requests_total" in api.client.get("/metrics", headers=api.h("admin")).text
+
+
+def test_x_api_key_header_is_accepted_too(api: Api) -> None:
+    r = api.client.get("/v1/collections", headers={"X-API-Key": api.keys["search"]})
+    assert r.status_code == 200
+
+
+def test_search_finds_a_modified_copy_and_reports_its_source(indexed: Api) -> None:
+    r = indexed.search(jpeg(5, size=(200, 150), quality=60))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    hits = body["result"]["hits"]
+    assert hits and hits[0]["match_class"] == "near_duplicate"
+    assert hits[0]["sightings"][0]["source_key"] == "img_00005.jpg"
+    assert r.headers["Location"] == f"/v1/reports/{body['report_id']}"
+    same = indexed.client.get(body["report_url"], headers=indexed.h("search")).json()
+    assert same["result"]["hits"] == hits
+    html = indexed.client.get(body["report_url"], headers=indexed.h("search") | {"Accept": "text/html"})
+    assert html.headers["content-type"].startswith("text/html")
+    assert "img_00005.jpg" in html.text and "data:image/jpeg;base64," in html.text
+
+
+def test_exact_copy_is_exact(indexed: Api) -> None:
+    data = (indexed.roots / "corpus" / "img_00003.jpg").read_bytes()
+    hits = indexed.search(data).json()["result"]["hits"]
+    assert hits[0]["match_class"] == "exact"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, outcome in EXPECTED.items() if outcome != "ok"))
+def test_bad_uploads_get_4xx_with_a_message_never_5xx(api: Api, tmp_path: Path, name: str) -> None:
+    zoo = build_zoo(tmp_path / "zoo")
+    r = api.search(zoo[name].read_bytes())
+    assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+    assert r.json()["message"]
+
+
+@pytest.mark.parametrize("name", sorted(n for n, outcome in EXPECTED.items() if outcome == "ok"))
+def test_odd_but_valid_uploads_are_searched(api: Api, tmp_path: Path, name: str) -> None:
+    zoo = build_zoo(tmp_path / "zoo")
+    assert api.search(zoo[name].read_bytes()).status_code == 200
+
+
+def test_upload_over_the_size_limit_is_413_before_decoding(api: Api) -> None:
+    big = b"\xff\xd8\xff" + b"\0" * 2_200_000
+    r = api.search(big)
+    assert r.status_code == 413 and "limit" in r.json()["message"]
+
+
+def test_missing_file_field_is_422_with_a_message(api: Api) -> None:
+    r = api.client.post("/v1/searches", data={"refine": "false"}, headers=api.h("search"))
+    assert r.status_code == 422 and "file" in r.json()["message"]
+
+
+def test_reports_and_jobs_of_one_key_are_hidden_from_another(indexed: Api) -> None:
+    report_url = indexed.search(jpeg(2)).json()["report_url"]
+    other = {"Authorization": f"Bearer {indexed.keys['other']}"}
+    assert indexed.client.get(report_url, headers=other).status_code == 404
+    assert indexed.client.get(report_url, headers=indexed.h("admin")).status_code == 200
+
+
+def test_refine_answers_202_with_a_job_that_finishes_the_report(indexed: Api) -> None:
+    r = indexed.search(jpeg(4), refine="true")
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert body["job_url"].startswith("/v1/jobs/") and body["report"]["status"] == "refining"
+    job = indexed.wait_job(body["job_url"], "search")
+    assert job["status"] == "done", job
+    report = indexed.client.get(body["report_url"], headers=indexed.h("search")).json()
+    assert report["status"] == "done" and "refine" in report
+    assert report["result"]["hits"][0]["sightings"][0]["source_key"] == "img_00004.jpg"
+
+
+def test_upload_into_a_collection_is_found_by_the_next_search(api: Api) -> None:
+    cid = api.client.post("/v1/collections", json={"name": "tips"}, headers=api.h("ingest")).json()["id"]
+    data = jpeg(77)
+    assert api.search(data).json()["result"]["hits"] == []
+    r = api.client.post(
+        f"/v1/collections/{cid}/images", files={"file": ("a.jpg", data, "image/jpeg")},
+        data={"label": "real", "first_seen": "2024-05-01"}, headers=api.h("ingest"),
+    )  # fmt: skip
+    assert r.status_code == 201, r.text
+    hit = api.search(data).json()["result"]["hits"][0]
+    assert hit["image_id"] == r.json()["image_id"] and hit["match_class"] == "exact"
+    assert hit["sightings"][0]["first_seen"].startswith("2024-05-01")
+    again = api.client.post(
+        f"/v1/collections/{cid}/images", files={"file": ("a.jpg", data)}, headers=api.h("ingest")
+    )
+    assert again.json()["already_in_collection"] is True
+    image = api.client.get(f"/v1/images/{hit['image_id']}", headers=api.h("search")).json()
+    assert image["sha256"] == hit["sha256"]
+    thumb = api.client.get(image["thumbnail_url"], headers=api.h("search"))
+    assert thumb.headers["content-type"] == "image/jpeg" and thumb.content[:3] == b"\xff\xd8\xff"
+    names = [c["name"] for c in api.client.get("/v1/collections", headers=api.h("search")).json()]
+    assert "tips" in names
+    assert (
+        api.client.post(
+            "/v1/collections/9999/images", files={"file": ("a.jpg", data)}, headers=api.h("ingest")
+        ).status_code
+        == 404
+    )
+
+
+@pytest.mark.parametrize(
+    "source", ["/etc", "{roots}/../..", "http://example.com/a.jpg", "file:///etc/passwd", "{roots}/link-out"]
+)
+def test_ingest_sources_outside_the_roots_or_urls_are_refused(api: Api, tmp_path: Path, source: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (api.roots / "link-out").symlink_to(outside)
+    r = api.client.post(
+        "/v1/ingest-jobs",
+        json={"source": source.format(roots=api.roots), "collection": "x"},
+        headers=api.h("ingest"),
+    )
+    assert r.status_code == 403, r.text
+    assert r.json()["message"]
+
+
+def test_missing_ingest_source_is_404(api: Api) -> None:
+    r = api.client.post(
+        "/v1/ingest-jobs",
+        json={"source": str(api.roots / "nope"), "collection": "x"},
+        headers=api.h("ingest"),
+    )
+    assert r.status_code == 404
+
+
+def test_every_search_is_in_the_audit_log_and_exports_as_csv_and_jsonl(indexed: Api) -> None:
+    ids = [indexed.search(jpeg(s)).json()["report_id"] for s in (1, 2)]
+    rows = [
+        json.loads(line)
+        for line in indexed.client.get("/v1/audit?format=jsonl", headers=indexed.h("admin")).text.splitlines()
+    ]
+    searches = [r for r in rows if r["action"] == "search"]
+    assert [r["report_id"] for r in searches] == ids
+    assert all(len(r["query_sha256"]) == 64 and r["key_id"] and r["at"] for r in searches)
+    text = indexed.client.get("/v1/audit?format=csv", headers=indexed.h("admin")).text
+    parsed = list(csv.DictReader(io.StringIO(text)))
+    assert [r["report_id"] for r in parsed if r["action"] == "search"] == ids
+    assert indexed.client.get("/v1/audit?format=xml", headers=indexed.h("admin")).status_code == 422
+
+
+def test_rate_limit_per_key_answers_429_with_retry_after(tmp_path: Path) -> None:
+    for api in make_api(tmp_path, rate_limit="3/minute"):
+        codes = [api.client.get("/v1/collections", headers=api.h("search")).status_code for _ in range(5)]
+        assert codes == [200, 200, 200, 429, 429]
+        r = api.client.get("/v1/collections", headers=api.h("search"))
+        assert int(r.headers["Retry-After"]) >= 1 and "rate limit" in r.json()["message"]
+        other = {"Authorization": f"Bearer {api.keys['other']}"}
+        assert api.client.get("/v1/collections", headers=other).status_code == 200  # buckets are per key
+
+
+def test_revoked_key_stops_working(api: Api) -> None:
+    from api.keys import revoke_key
+
+    assert api.client.get("/v1/collections", headers=api.h("search")).status_code == 200
+    store = open_store(api.settings)
+    revoke_key(store, api.keys["search"].split("_")[1])
+    store.dispose()
+    r = api.client.get("/v1/collections", headers=api.h("search"))
+    assert r.status_code == 401 and "revoked" in r.json()["message"]
