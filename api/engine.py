@@ -116,8 +116,7 @@ class Engine:
     def refine(self, decoded: DecodedImage, base: dict[str, object]) -> dict[str, object]:
         """Projection evidence for the faces of ``decoded`` (the refine tier), merged into ``base``."""
         if _has_module("search.refine"):
-            from search import refine as refine_mod
-
+            refine_mod = importlib.import_module("search.refine")  # written by the projection work
             fn = getattr(refine_mod, "refine_json", None)
             if fn is not None:
                 return dict(fn(self.settings, decoded, base, store=self.store))

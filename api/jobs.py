@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 
 from indexer.errors import JobQueueError, NotFoundError, SleuthError
 from indexer.store.api_models import Job
@@ -91,6 +91,7 @@ class JobStore:
                 .where(Job.id == job_id, Job.status == "queued")
                 .values(status="running", started_at=_now(), attempts=Job.attempts + 1)
             )
+            assert isinstance(res, CursorResult)  # an UPDATE answers with a cursor result (rowcount)
             return bool(res.rowcount)
 
     def claim_next(self) -> str | None:
@@ -130,6 +131,7 @@ class JobStore:
             res = s.execute(
                 update(Job).where(Job.id.in_(job_ids), Job.status == "running").values(status="queued")
             )
+            assert isinstance(res, CursorResult)
             return int(res.rowcount)
 
     def ids_with_status(self, status: str, *, older_than_s: float = 0.0) -> list[str]:
@@ -271,7 +273,8 @@ class RedisQueue:
         got = self.redis.brpop([self.name], timeout=timeout_s)
         if got is None:
             return None
-        job_id = got[1].decode()
+        raw = got[1]
+        job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
         key = self._heartbeat_key(job_id)
         self.redis.set(key, "1", ex=self.HEARTBEAT_TTL_S)
         if not self.jobs.claim(job_id):

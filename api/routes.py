@@ -237,7 +237,7 @@ async def create_ingest_job(request: Request, body: IngestIn, key: IngestKey) ->
     source = await run_in_threadpool(
         services.resolve_ingest_source, body.source, state.api_settings.ingest_roots
     )
-    params = {
+    params: dict[str, object] = {
         "source": str(source),
         "collection": body.collection,
         "label": body.label,
