@@ -10,11 +10,12 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from api import audit, report_html, services
+from api import audit, services
 from api.auth import require_admin, require_any, require_ingest, require_search
 from api.keys import KeyInfo
 from api.state import AppState
 from indexer.errors import ImageTooLargeError, NotFoundError
+from search.report import ProvenanceReport, render_html
 
 router = APIRouter()
 SearchKey = Annotated[KeyInfo, Depends(require_search)]
@@ -23,6 +24,9 @@ AdminKey = Annotated[KeyInfo, Depends(require_admin)]
 AnyKey = Annotated[KeyInfo, Depends(require_any)]
 CHUNK = 1024 * 1024
 RowId = Annotated[int, Path(ge=1, le=2**62, description="a database id")]
+REPORT_CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+)
 PublicId = Annotated[str, Path(min_length=1, max_length=64, description="a job or report id (a UUID)")]
 
 
@@ -118,7 +122,9 @@ def _check_owner(key: KeyInfo, owner_key_id: int | None, what: str) -> None:
 
 # --- search -------------------------------------------------------------------------------------------
 @router.post(
-    "/v1/searches", tags=["search"], responses={**ERRORS, 202: {"model": QueuedOut, "description": "refine queued"}},
+    "/v1/searches", tags=["search"],
+    responses={**ERRORS, 200: {"model": ProvenanceReport, "description": "the provenance report"},
+               202: {"model": QueuedOut, "description": "refine queued"}},
     summary="Search an image (copy and similarity tiers at once; refine=true queues projection)",
 )  # fmt: skip
 async def create_search(
@@ -130,21 +136,26 @@ async def create_search(
     data = await _read_upload(file, state.settings.limits.upload_max_bytes)
     report = await run_in_threadpool(services.run_search, state.engine, data, key_id=key.id, refine=refine)
     state.metrics.searches.labels(str(refine).lower()).inc()
-    report_id = str(report["report_id"])
     links = {
-        "report_url": f"/v1/reports/{report_id}",
-        "report_html_url": f"/v1/reports/{report_id}?format=html",
+        "report_url": f"/v1/reports/{report.report_id}",
+        "report_html_url": f"/v1/reports/{report.report_id}?format=html",
     }
     if not refine:
-        return JSONResponse(report | links, headers={"Location": links["report_url"]})
-    params = {"report_id": report_id, "query_sha256": report["query"]["sha256"]}  # type: ignore[index]
+        return JSONResponse(report.model_dump(mode="json") | links, headers={"Location": links["report_url"]})
+    params: dict[str, object] = {"report_id": report.report_id, "query_sha256": report.query.sha256}
     job_id = await run_in_threadpool(state.queue.submit, "refine", params, key_id=key.id)
-    await run_in_threadpool(services.attach_job, state.engine, report_id, job_id)
+    await run_in_threadpool(services.attach_job, state.engine, report.report_id, job_id)
+    report.refine_job = job_id
     body = QueuedOut(
-        job_id=job_id, job_url=f"/v1/jobs/{job_id}", report_id=report_id, report_url=links["report_url"]
+        job_id=job_id,
+        job_url=f"/v1/jobs/{job_id}",
+        report_id=report.report_id,
+        report_url=links["report_url"],
     )
     return JSONResponse(
-        body.model_dump() | {"report": report}, status_code=202, headers={"Location": body.job_url}
+        body.model_dump() | {"report": report.model_dump(mode="json")},
+        status_code=202,
+        headers={"Location": body.job_url},
     )
 
 
@@ -158,7 +169,8 @@ async def get_job(request: Request, job_id: PublicId, key: AnyKey) -> JobOut:
 
 
 @router.get(
-    "/v1/reports/{report_id}", tags=["search"], responses={**ERRORS, 200: {"content": {"text/html": {}}}},
+    "/v1/reports/{report_id}", tags=["search"],
+    responses={**ERRORS, 200: {"model": ProvenanceReport, "content": {"text/html": {}}}},
     summary="A provenance report: JSON, or HTML when Accept prefers text/html (or ?format=html)",
 )  # fmt: skip
 async def get_report(
@@ -172,9 +184,9 @@ async def get_report(
     accept = request.headers.get("accept", "")
     wants_html = format == "html" or (format is None and _prefers_html(accept))
     if wants_html:
-        page = await run_in_threadpool(report_html.render_report, state.engine, report)
-        return HTMLResponse(page)
-    return JSONResponse(report)
+        page = await run_in_threadpool(render_html, report, settings=state.settings)
+        return HTMLResponse(page, headers={"Content-Security-Policy": REPORT_CSP})
+    return JSONResponse(report.model_dump(mode="json"))
 
 
 def _prefers_html(accept: str) -> bool:

@@ -17,11 +17,12 @@ from sqlalchemy import func, select
 from api import audit
 from api.engine import Engine, query_path, upload_path
 from api.jobs import ProgressFn
-from indexer.decode import DecodedImage, decode_image
+from indexer.decode import decode_image
 from indexer.errors import ForbiddenError, IndexBusyError, NotFoundError, SleuthError, SourceError
 from indexer.ingest import IngestSummary, ingest, thumbnail_path
 from indexer.store.api_models import Report
 from indexer.store.models import Collection, Image, Sighting
+from search.report import ProvenanceReport, QueryFacts, build_report, query_facts, save_query_thumbnail
 
 log = logging.getLogger(__name__)
 LOCK_WAIT_S = 600.0  # an ingest job waits this long for another writer to finish
@@ -37,42 +38,43 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def query_facts(decoded: DecodedImage) -> dict[str, object]:
-    return {
-        "sha256": decoded.sha256, "format": decoded.format, "width": decoded.width, "height": decoded.height,
-        "num_bytes": decoded.num_bytes, "mode": decoded.mode, "frames": decoded.n_frames,
-        "exif": decoded.exif, "metadata": decoded.metadata,
-    }  # fmt: skip
-
-
 # --- searches and reports --------------------------------------------------------------------------
-def run_search(engine: Engine, data: bytes, *, key_id: int | None, refine: bool = False) -> dict[str, object]:
+def run_search(engine: Engine, data: bytes, *, key_id: int | None, refine: bool = False) -> ProvenanceReport:
     """Decode, search the copy and similarity tiers, store the report, audit it; returns the report."""
-    decoded = decode_image(data, limits=engine.settings.limits)
     started = time.perf_counter()
+    decoded = decode_image(data, limits=engine.settings.limits)
+    decoded_at = time.perf_counter()
     result = engine.search(decoded)
     report_id = str(uuid.uuid4())
-    doc: dict[str, object] = {
+    stored: dict[str, object] = {
         "report_id": report_id,
         "created_at": dt.datetime.now(dt.UTC).isoformat(),
-        "status": "refining" if refine else "done",
-        "query": query_facts(decoded),
+        "query": query_facts(decoded, data).model_dump(mode="json"),
         "result": result,
         "searcher": engine.searcher_kind,
-        "timings": {"search_s": round(time.perf_counter() - started, 4)},
+        "timings_ms": {
+            "request_decode": round((decoded_at - started) * 1000, 2),
+            "request_search": round((time.perf_counter() - decoded_at) * 1000, 2),
+        },
     }
+    status = "refining" if refine else "done"
+    save_query_thumbnail(engine.settings, decoded)
     with engine.store.session() as s:
-        s.add(
-            Report(
-                id=report_id, key_id=key_id, query_sha256=decoded.sha256,
-                status=str(doc["status"]), report=doc,
-            )
-        )  # fmt: skip
+        s.add(Report(id=report_id, key_id=key_id, query_sha256=decoded.sha256, status=status, report=stored))
+    hits = result.get("hits")
     audit.record(engine.store, "search", key_id=key_id, query_sha256=decoded.sha256, report_id=report_id,
-                 detail={"refine": refine, "hits": len(result.get("hits", []) or [])})  # type: ignore[arg-type]  # fmt: skip
+                 detail={"refine": refine, "hits": len(hits) if isinstance(hits, list) else 0})  # fmt: skip
     if refine:
         _atomic_write(query_path(engine.settings, decoded.sha256), data)
-    return doc
+    return _as_report(stored, status=status, job_id=None)
+
+
+def _as_report(stored: dict[str, Any], *, status: str, job_id: str | None) -> ProvenanceReport:
+    return build_report(
+        stored.get("result") or {}, report_id=str(stored["report_id"]), created_at=str(stored["created_at"]),
+        query=QueryFacts(**stored["query"]), status=status, refine_job=job_id,
+        searcher=stored.get("searcher"), extra_timings_ms=stored.get("timings_ms"),
+    )  # fmt: skip
 
 
 def attach_job(engine: Engine, report_id: str, job_id: str) -> None:
@@ -81,34 +83,49 @@ def attach_job(engine: Engine, report_id: str, job_id: str) -> None:
         if row is None:
             raise NotFoundError(f"no report {report_id}")
         row.job_id = job_id
-        row.report = dict(row.report) | {"refine_job": job_id}
 
 
-def get_report(engine: Engine, report_id: str) -> dict[str, object]:
+def get_report(engine: Engine, report_id: str) -> ProvenanceReport:
     with engine.store.session() as s:
         row = s.get(Report, report_id)
         if row is None:
             raise NotFoundError(f"no report {report_id}")
-        return dict(row.report) | {"status": row.status}
+        return _as_report(dict(row.report), status=row.status, job_id=row.job_id)
+
+
+def _set_report(
+    engine: Engine, report_id: str, *, status: str, result: dict[str, object] | None = None
+) -> None:
+    with engine.store.session() as s:
+        row = s.get(Report, report_id)
+        if row is None:
+            raise NotFoundError(f"no report {report_id}")
+        if result is not None:
+            row.report = dict(row.report) | {"result": result}
+        row.status = status
 
 
 def refine_job(engine: Engine, params: dict[str, Any], progress: ProgressFn) -> dict[str, object]:
-    """Job handler: add projection evidence to a stored report."""
+    """Job handler: add projection evidence per face to a stored report (marked failed if this fails)."""
     report_id, sha = str(params["report_id"]), str(params["query_sha256"])
-    progress({"stage": "decoding"})
-    path = query_path(engine.settings, sha)
-    if not path.exists():
-        raise NotFoundError(f"the query bytes of report {report_id} are gone ({path})")
-    decoded = decode_image(path.read_bytes(), limits=engine.settings.limits)
-    base = get_report(engine, report_id)
-    progress({"stage": "projecting"})
-    refined = engine.refine(decoded, base)
-    refined["status"] = "done"
-    with engine.store.session() as s:
-        row = s.get(Report, report_id)
-        if row is None:
-            raise NotFoundError(f"no report {report_id}")
-        row.report, row.status = refined, "done"
+    try:
+        progress({"stage": "decoding"})
+        path = query_path(engine.settings, sha)
+        if not path.exists():
+            raise NotFoundError(f"the query bytes of report {report_id} are gone ({path})")
+        decoded = decode_image(path.read_bytes(), limits=engine.settings.limits)
+        with engine.store.session() as s:
+            row = s.get(Report, report_id)
+            if row is None:
+                raise NotFoundError(f"no report {report_id}")
+            stored_result = row.report.get("result")
+            base = dict(stored_result) if isinstance(stored_result, dict) else {}
+        progress({"stage": "projecting faces"})
+        refined = engine.refine(decoded, base)
+    except BaseException:
+        _set_report(engine, report_id, status="failed")
+        raise
+    _set_report(engine, report_id, status="done", result=refined)
     return {"report_id": report_id, "report_url": f"/v1/reports/{report_id}"}
 
 

@@ -160,21 +160,24 @@ def test_search_finds_a_modified_copy_and_reports_its_source(indexed: Api) -> No
     r = indexed.search(jpeg(5, size=(200, 150), quality=60))
     assert r.status_code == 200, r.text
     body = r.json()
-    hits = body["result"]["hits"]
-    assert hits and hits[0]["match_class"] == "near_duplicate"
+    hits = body["hits"]["near_duplicate"]
+    assert hits and hits[0]["rank"] == 1 and not body["hits"]["exact"]
+    assert body["verdict"]["kind"] == "copy_of_known" and "Near-duplicate" in body["verdict"]["summary"]
     assert hits[0]["sightings"][0]["source_key"] == "img_00005.jpg"
     assert r.headers["Location"] == f"/v1/reports/{body['report_id']}"
     same = indexed.client.get(body["report_url"], headers=indexed.h("search")).json()
-    assert same["result"]["hits"] == hits
+    assert same["hits"]["near_duplicate"] == hits
     html = indexed.client.get(body["report_url"], headers=indexed.h("search") | {"Accept": "text/html"})
     assert html.headers["content-type"].startswith("text/html")
     assert "img_00005.jpg" in html.text and "data:image/jpeg;base64," in html.text
+    assert 'id="query-image"' in html.text and "<script" not in html.text and "/static/" not in html.text
 
 
 def test_exact_copy_is_exact(indexed: Api) -> None:
     data = (indexed.roots / "corpus" / "img_00003.jpg").read_bytes()
-    hits = indexed.search(data).json()["result"]["hits"]
-    assert hits[0]["match_class"] == "exact"
+    body = indexed.search(data).json()
+    assert body["hits"]["exact"][0]["rank"] == 1 and body["hits"]["exact"][0]["match_class"] == "exact"
+    assert "Exact copy of a known image" in body["verdict"]["summary"]
 
 
 @pytest.mark.parametrize("name", sorted(n for n, outcome in EXPECTED.items() if outcome != "ok"))
@@ -218,19 +221,21 @@ def test_refine_answers_202_with_a_job_that_finishes_the_report(indexed: Api) ->
     assert job["status"] == "done", job
     report = indexed.client.get(body["report_url"], headers=indexed.h("search")).json()
     assert report["status"] == "done" and "refine" in report
-    assert report["result"]["hits"][0]["sightings"][0]["source_key"] == "img_00004.jpg"
+    assert report["hits"]["near_duplicate"][0]["sightings"][0]["source_key"] == "img_00004.jpg"
+    assert report["refine_job"] == body["job_id"]
 
 
 def test_upload_into_a_collection_is_found_by_the_next_search(api: Api) -> None:
     cid = api.client.post("/v1/collections", json={"name": "tips"}, headers=api.h("ingest")).json()["id"]
     data = jpeg(77)
-    assert api.search(data).json()["result"]["hits"] == []
+    first = api.search(data).json()
+    assert all(not group for group in first["hits"].values()) and first["verdict"]["kind"] == "no_match"
     r = api.client.post(
         f"/v1/collections/{cid}/images", files={"file": ("a.jpg", data, "image/jpeg")},
         data={"label": "real", "first_seen": "2024-05-01"}, headers=api.h("ingest"),
     )  # fmt: skip
     assert r.status_code == 201, r.text
-    hit = api.search(data).json()["result"]["hits"][0]
+    hit = api.search(data).json()["hits"]["exact"][0]
     assert hit["image_id"] == r.json()["image_id"] and hit["match_class"] == "exact"
     assert hit["sightings"][0]["first_seen"].startswith("2024-05-01")
     again = api.client.post(

@@ -84,8 +84,8 @@ def test_real_server_ingest_search_report_and_refusals(
         r = http.post("/v1/searches", files={"file": ("q.jpg", modified_copy(17), "image/jpeg")},
                       headers=_h(keys, "search"))  # fmt: skip
         assert r.status_code == 200, r.text
-        hits = r.json()["result"]["hits"]
-        assert hits[0]["match_class"] == "near_duplicate"
+        hits = r.json()["hits"]["near_duplicate"]
+        assert hits[0]["match_class"] == "near_duplicate" and hits[0]["rank"] == 1
         assert hits[0]["sightings"][0] == hits[0]["sightings"][0] | {
             "collection": "stock-2024", "source_key": "img_00017.jpg",
         }  # fmt: skip
@@ -93,7 +93,8 @@ def test_real_server_ingest_search_report_and_refusals(
 
         # the report as JSON and as HTML (content negotiation)
         as_json = http.get(report_url, headers=_h(keys, "search") | {"Accept": "application/json"})
-        assert as_json.json()["result"]["hits"] == hits
+        assert as_json.json()["hits"]["near_duplicate"] == hits
+        assert as_json.json()["verdict"]["summary"].startswith("Near-duplicate of a known image")
         as_html = http.get(
             report_url, headers=_h(keys, "search") | {"Accept": "text/html,application/xhtml+xml"}
         )
