@@ -243,5 +243,10 @@ def models_check(clip_model: ClipOpt = None, as_json: JsonOpt = False) -> None:
         raise typer.Exit(1)
 
 
+from api.cli_search import demo, search  # noqa: E402  (the commands import the helpers above)
+
+app.command("search")(search)
+app.command("demo")(demo)
+
 if __name__ == "__main__":  # pragma: no cover
     app()

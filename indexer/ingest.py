@@ -47,8 +47,11 @@ from indexer.store.models import (
 from indexer.write_lock import write_lock
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from indexer.embedders import ImageEmbedder
     from indexer.faces import FaceDetector
+    from indexer.mtcnn import DetectedFace
 
 log = logging.getLogger(__name__)
 
@@ -266,12 +269,12 @@ class _Writer:
                         )
                     )
 
-    def _faces(self, new: list[_Prepared]) -> dict[str, list[tuple[object, np.ndarray]]]:
+    def _faces(self, new: list[_Prepared]) -> dict[str, list[tuple[DetectedFace, np.ndarray]]]:
         if not (self.face_detector and self.embedder and new):
             return {}
         from indexer.faces import describe_faces
 
-        found: dict[str, list[tuple[object, np.ndarray]]] = {}
+        found: dict[str, list[tuple[DetectedFace, np.ndarray]]] = {}
         crops, owners = [], []
         for p in new:
             assert p.decoded is not None
@@ -302,10 +305,10 @@ class _Writer:
             phash_mirror=h.phash_mirror,
         )
 
-    def _upgrade_label(self, s: object, image_id: int, item: SourceItem) -> None:
+    def _upgrade_label(self, s: Session, image_id: int, item: SourceItem) -> None:
         label = item.label or self.label
         if label and label != "unknown":
-            image = s.get(Image, image_id)  # type: ignore[attr-defined]
+            image = s.get(Image, image_id)
             if image is not None and image.label == "unknown":
                 image.label = label
                 image.generator = image.generator or item.generator or self.generator
@@ -323,10 +326,10 @@ class _Writer:
             first_seen=item.first_seen,
         )
 
-    def _add_latent(self, s: object, image_id: int, item: SourceItem) -> None:
+    def _add_latent(self, s: Session, image_id: int, item: SourceItem) -> None:
         generator = item.generator or self.generator
         assert item.latent is not None and generator
-        exists = s.execute(  # type: ignore[attr-defined]
+        exists = s.execute(
             select(Latent.id).where(
                 Latent.image_id == image_id, Latent.generator == generator, Latent.space == "z"
             )
@@ -342,7 +345,7 @@ class _Writer:
                     origin="manifest",
                     vector=vec.tobytes(),
                 )
-            )  # type: ignore[attr-defined]
+            )
 
 
 def ingest(

@@ -109,17 +109,17 @@ class FloatIndex:
             self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
 
     def remove(self, ids: np.ndarray) -> int:
-        return int(self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
+        return int(self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))  # type: ignore[attr-defined,arg-type,call-arg]  # faiss/cv2 stubs lag the runtime API
 
     def ids(self) -> np.ndarray:
-        return faiss.vector_to_array(faiss.downcast_index(self.index).id_map).astype(np.int64)
+        return faiss.vector_to_array(faiss.downcast_index(self.index).id_map).astype(np.int64)  # type: ignore[attr-defined,arg-type,call-arg]  # faiss/cv2 stubs lag the runtime API
 
     def _params(self) -> faiss.SearchParameters | None:
-        inner = faiss.downcast_index(faiss.downcast_index(self.index).index)
+        inner = faiss.downcast_index(faiss.downcast_index(self.index).index)  # type: ignore[attr-defined,arg-type,call-arg]  # faiss/cv2 stubs lag the runtime API
         if isinstance(inner, faiss.IndexRefine):
             base = faiss.downcast_index(inner.base_index)
-            base_params = faiss.SearchParametersIVF(nprobe=self.nprobe) if hasattr(base, "nprobe") else None
-            return faiss.IndexRefineSearchParameters(k_factor=self.k_factor, base_index_params=base_params)
+            base_params = faiss.SearchParametersIVF(nprobe=self.nprobe) if hasattr(base, "nprobe") else None  # type: ignore[attr-defined,arg-type,call-arg]  # faiss/cv2 stubs lag the runtime API
+            return faiss.IndexRefineSearchParameters(k_factor=self.k_factor, base_index_params=base_params)  # type: ignore[attr-defined,arg-type,call-arg]  # faiss/cv2 stubs lag the runtime API
         return None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +177,7 @@ class BinaryIndex:
         return int(self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
 
     def ids(self) -> np.ndarray:
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        return faiss.vector_to_array(self.index.id_map).astype(np.int64)  # type: ignore[attr-defined,arg-type,call-arg]  # faiss/cv2 stubs lag the runtime API
 
     def search(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Nearest ``k`` by Hamming distance: (distances [n, k] int32, ids [n, k] int64)."""

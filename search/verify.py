@@ -9,12 +9,24 @@ Choice of features (measured with ``benchmarks/copy_detection.py``, see the repo
 resized to 512 px on the longest side. ``cv2.estimateAffinePartial2D`` only offers RANSAC and LMEDS in
 OpenCV 5 (the USAC estimators are rejected for the partial-affine model), so RANSAC it is; OpenCV refines the
 winning model on its inliers with Levenberg-Marquardt.
+
+Speed (what a query pays): the candidates' features are extracted once per image and kept in a
+:class:`FeatureCache` (``.npz`` files, RootSIFT quantised to uint8, never pickled); the query is matched against
+all candidates with one matrix product; the mirror of the query is not extracted again: a left-right flip maps
+every SIFT descriptor onto a fixed permutation of its own bins (the 4x4 spatial grid reflected across the
+keypoint's orientation axis, each orientation bin negated), so mirrored features are a relabelling.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass, field
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -94,10 +106,10 @@ class Verifier:
     def __init__(self, config: VerifyConfig | None = None) -> None:
         self.config = config or VerifyConfig()
         if self.config.method == "rootsift":
-            self._detector = cv2.SIFT_create(nfeatures=self.config.max_features)
+            self._detector = cv2.SIFT_create(nfeatures=self.config.max_features)  # type: ignore[attr-defined,arg-type,call-arg]  # faiss/cv2 stubs lag the runtime API
             self._matcher = cv2.BFMatcher(cv2.NORM_L2)
         elif self.config.method == "orb":
-            self._detector = cv2.ORB_create(nfeatures=self.config.max_features, fastThreshold=10)
+            self._detector = cv2.ORB_create(nfeatures=self.config.max_features, fastThreshold=10)  # type: ignore[attr-defined,arg-type,call-arg]  # faiss/cv2 stubs lag the runtime API
             self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
         else:
             raise ValueError(f"unknown local feature method {self.config.method!r} (rootsift or orb)")
@@ -127,11 +139,25 @@ class Verifier:
         """Features of the left-right mirror of ``image`` (flipped copies defeat non-mirror-invariant features)."""
         return self.extract(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
 
+    def mirrored(self, features: LocalFeatures) -> LocalFeatures:
+        """The features of the mirrored image from those of the image, without a second extraction (RootSIFT:
+        descriptor bins permuted, x reflected in the working frame; ORB has no such relabelling: re-extract)."""
+        if features.method != "rootsift":
+            raise ValueError("only RootSIFT features can be mirrored by relabelling; use extract_mirrored")
+        points = features.points.copy()
+        points[:, 0] = (features.size[0] - 1) - points[:, 0]
+        return LocalFeatures(
+            points, mirror_sift(features.descriptors), features.scale, features.size, "rootsift"
+        )
+
     # --- matching -------------------------------------------------------------------------------
     def _good_matches(self, query: LocalFeatures, cand: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
         """Ratio-test matches as (query points [m, 2], candidate points [m, 2])."""
         if len(query) < 2 or len(cand) < 2:
             return np.empty((0, 2), np.float32), np.empty((0, 2), np.float32)
+        if query.method == "rootsift":
+            sims = query.descriptors @ cand.descriptors.T  # [n, m] cosine of unit RootSIFT vectors
+            return self._ratio_from_sims(query, cand, sims)
         pairs = self._matcher.knnMatch(query.descriptors, cand.descriptors, k=2)
         qi, ci = [], []
         best_for_cand: dict[int, tuple[float, int]] = {}
@@ -148,11 +174,44 @@ class Verifier:
             ci.append(c)
         return query.points[qi], cand.points[ci]
 
+    def _ratio_from_sims(
+        self, query: LocalFeatures, cand: LocalFeatures, sims: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Lowe's ratio test on a block of similarities [n_query, n_cand], one query point per candidate point."""
+        top2 = np.argpartition(-sims, 1, axis=1)[:, :2]  # [n, 2] (unordered)
+        s2 = np.take_along_axis(sims, top2, axis=1)  # [n, 2]
+        first = np.argmax(s2, axis=1)  # [n]
+        rows = np.arange(len(sims))
+        best_idx, best_sim, second_sim = top2[rows, first], s2[rows, first], s2[rows, 1 - first]
+        d1 = np.sqrt(np.maximum(2.0 - 2.0 * best_sim, 0.0))  # L2 distance of unit vectors
+        d2 = np.sqrt(np.maximum(2.0 - 2.0 * second_sim, 0.0))
+        ok = np.flatnonzero(d1 < self.config.ratio * d2)
+        ok = ok[
+            np.argsort(d1[ok], kind="stable")
+        ]  # best first, so unique() keeps the best per candidate point
+        _, first_of = np.unique(best_idx[ok], return_index=True)
+        keep = ok[first_of]
+        return query.points[keep], cand.points[best_idx[keep]]
+
     def match(
         self, query: LocalFeatures, cand: LocalFeatures, *, min_inliers: int, mirrored: bool = False
     ) -> Verification:
         """Verify one candidate against the query's features (``mirrored``: the query features are of the mirror)."""
-        src, dst = self._good_matches(query, cand)
+        return self._estimate(
+            query, cand, *self._good_matches(query, cand), min_inliers=min_inliers, mirrored=mirrored
+        )
+
+    def _estimate(
+        self,
+        query: LocalFeatures,
+        cand: LocalFeatures,
+        src: np.ndarray,
+        dst: np.ndarray,
+        *,
+        min_inliers: int,
+        mirrored: bool,
+    ) -> Verification:
+        """RANSAC similarity transform on ratio-test matches ``src`` [m, 2] -> ``dst`` [m, 2]."""
         n = len(src)
         base = {"query_features": len(query), "candidate_features": len(cand), "mirrored": mirrored}
         if n < 3:
@@ -194,16 +253,38 @@ class Verifier:
         """Verify every candidate against one query, extracting the query's features once (and its mirror's
         only when some candidate is not accepted and ``check_mirror`` is on)."""
         qf = query_features if query_features is not None else self.extract(query)
-        out = [self.match(qf, c, min_inliers=min_inliers) for c in candidates]
+        out = self._match_all(qf, candidates, min_inliers=min_inliers, mirrored=False)
         if self.config.check_mirror and candidates and not all(v.accepted for v in out):
-            mf = self.extract_mirrored(query)
-            mf = LocalFeatures(mf.points, mf.descriptors, qf.scale, mf.size, mf.method)
-            for i, c in enumerate(candidates):
-                if out[i].accepted:
-                    continue
-                alt = self.match(mf, c, min_inliers=min_inliers, mirrored=True)
+            if qf.method == "rootsift":
+                mf = self.mirrored(qf)
+            else:
+                m = self.extract_mirrored(query)
+                mf = LocalFeatures(m.points, m.descriptors, qf.scale, m.size, m.method)
+            todo = [i for i, v in enumerate(out) if not v.accepted]
+            alts = self._match_all(mf, [candidates[i] for i in todo], min_inliers=min_inliers, mirrored=True)
+            for i, alt in zip(todo, alts, strict=True):
                 if alt.inliers > out[i].inliers:
                     out[i] = alt
+        return out
+
+    def _match_all(
+        self, query: LocalFeatures, candidates: list[LocalFeatures], *, min_inliers: int, mirrored: bool
+    ) -> list[Verification]:
+        """Match one query against many candidates; RootSIFT does it with one matrix product."""
+        usable = [c for c in candidates if len(c) >= 2]
+        if query.method != "rootsift" or len(query) < 2 or not usable:
+            return [self.match(query, c, min_inliers=min_inliers, mirrored=mirrored) for c in candidates]
+        sims = query.descriptors @ np.concatenate([c.descriptors for c in usable]).T  # [n, sum m_i]
+        out: list[Verification] = []
+        start = 0
+        for cand in candidates:
+            if len(cand) < 2:
+                out.append(self.match(query, cand, min_inliers=min_inliers, mirrored=mirrored))
+                continue
+            block = sims[:, start : start + len(cand)]  # [n, m_i]
+            start += len(cand)
+            src, dst = self._ratio_from_sims(query, cand, block)
+            out.append(self._estimate(query, cand, src, dst, min_inliers=min_inliers, mirrored=mirrored))
         return out
 
 
@@ -212,6 +293,18 @@ def rootsift(desc: np.ndarray) -> np.ndarray:
     desc = desc.astype(np.float32)
     desc /= desc.sum(axis=1, keepdims=True) + 1e-7
     return np.sqrt(desc)
+
+
+# OpenCV lays a SIFT descriptor out as [4 rows][4 columns][8 orientations], rows across the keypoint's
+# orientation axis. A left-right flip of the image reflects the patch across that axis (row r -> 3 - r) and
+# negates every gradient angle relative to it (orientation bin o -> -o mod 8).
+_MIRROR_PERM = np.arange(128).reshape(4, 4, 8)[::-1, :, :][:, :, (8 - np.arange(8)) % 8].reshape(128)
+
+
+def mirror_sift(desc: np.ndarray) -> np.ndarray:
+    """The descriptors [n, 128] (SIFT or RootSIFT) of the same keypoints in the left-right mirrored image."""
+    assert desc.ndim == 2 and desc.shape[1] == 128, desc.shape
+    return np.ascontiguousarray(desc[:, _MIRROR_PERM])
 
 
 def _to_original(model: np.ndarray, query: LocalFeatures, cand: LocalFeatures, mirrored: bool) -> np.ndarray:
@@ -234,3 +327,104 @@ def verify(query: Image.Image, candidate: Image.Image, *, min_inliers: int = 12)
     if _DEFAULT is None:
         _DEFAULT = Verifier()
     return _DEFAULT.verify_many(query, [_DEFAULT.extract(candidate)], min_inliers=min_inliers)[0]
+
+
+def _quantise(features: LocalFeatures) -> np.ndarray:
+    """RootSIFT components lie in [0, 1]: stored as uint8 (x 255); ORB descriptors are uint8 already."""
+    if features.method == "rootsift":
+        return np.clip(np.rint(features.descriptors * 255.0), 0, 255).astype(np.uint8)
+    return features.descriptors
+
+
+def _dequantise(desc: np.ndarray, method: str) -> np.ndarray:
+    if method != "rootsift":
+        return desc
+    out = desc.astype(np.float32) / 255.0  # [n, 128]
+    out /= np.linalg.norm(out, axis=1, keepdims=True) + 1e-7
+    return out
+
+
+class FeatureCache:
+    """Local features of indexed images, extracted once per image and kept as ``.npz`` files (never pickled)
+    under ``root/METHOD-CONFIGKEY/ab/SHA256.npz``, plus an in-memory LRU of the most recent ones.
+
+    A query then pays only for its own extraction and the matching, whatever the candidates are.
+    """
+
+    def __init__(self, root: Path, config: VerifyConfig, *, memory_items: int = 2048) -> None:
+        relevant = {k: v for k, v in asdict(config).items() if k in ("method", "max_side", "max_features")}
+        key = hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:12]
+        self.root = root / f"{config.method}-{key}"
+        self.memory_items = memory_items
+        self._memory: OrderedDict[str, LocalFeatures] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / f"{sha256}.npz"
+
+    def get(
+        self, sha256: str, load: Callable[[], tuple[Image.Image, tuple[int, int]]], verifier: Verifier
+    ) -> LocalFeatures:
+        """Features of the image ``sha256``; on a miss ``load()`` returns (pixels, original (w, h)) to extract."""
+        found = self._memory.get(sha256)
+        if found is not None:
+            self._memory.move_to_end(sha256)
+            self.hits += 1
+            return found
+        path = self.path(sha256)
+        features: LocalFeatures | None = None
+        if path.exists():
+            try:
+                features = self._read(path, verifier.config.method)
+                self.hits += 1
+            except (OSError, ValueError, KeyError) as exc:  # a torn or foreign file: extract again
+                log.warning("feature cache %s unreadable (%s): extracting again", path, exc)
+        if features is None:
+            self.misses += 1
+            image, original_size = load()
+            features = verifier.extract(image, original_size=original_size)
+            features = LocalFeatures(
+                features.points,
+                _dequantise(_quantise(features), features.method),
+                features.scale,
+                features.size,
+                features.method,
+            )  # what the cache will give back next time, so a hit and a miss verify identically
+            self._write(path, features)
+        self._memory[sha256] = features
+        if len(self._memory) > self.memory_items:
+            self._memory.popitem(last=False)
+        return features
+
+    @staticmethod
+    def _read(path: Path, method: str) -> LocalFeatures:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["method"]) != method:
+                raise ValueError(f"cached with {z['method']}, not {method}")
+            w, h = (int(v) for v in z["size"])
+            return LocalFeatures(
+                z["points"].astype(np.float32),
+                _dequantise(z["descriptors"], method),
+                float(z["scale"]),
+                (w, h),
+                method,
+            )
+
+    @staticmethod
+    def _write(path: Path, features: LocalFeatures) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(
+                    fh,
+                    points=features.points.astype(np.float32),
+                    descriptors=_quantise(features),
+                    scale=np.float64(features.scale),
+                    size=np.array(features.size, dtype=np.int32),
+                    method=np.array(features.method),
+                )
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

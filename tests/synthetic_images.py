@@ -45,3 +45,30 @@ def write_corpus(folder: Path, n: int, *, start_seed: int = 0, fmt: str = "JPEG"
         synthetic_photo(start_seed + i).save(path, format=fmt, quality=92)
         paths.append(path)
     return paths
+
+
+def textured_photo(seed: int, size: tuple[int, int] = (640, 480)) -> Image.Image:
+    """Like ``synthetic_photo`` plus hundreds of small shapes: corners and blobs at every scale, as real photos
+    have, so local features (SIFT) find enough structure to verify crops of it."""
+    rng = np.random.default_rng(10_000 + seed)
+    img = synthetic_photo(seed, size)
+    draw = ImageDraw.Draw(img)
+    w, h = size
+    for _ in range(400):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        r = int(rng.integers(3, 18))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape([x0, y0, x0 + r, y0 + int(r * rng.uniform(0.5, 2))], fill=colour)
+    return img
+
+
+def write_textured_corpus(folder: Path, n: int, *, size: tuple[int, int] = (640, 480)) -> list[Path]:
+    """``n`` distinct textured JPEGs (seeds 0..n-1) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"photo_{i:04d}.jpg"
+        textured_photo(i, size).save(path, format="JPEG", quality=92)
+        paths.append(path)
+    return paths

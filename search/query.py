@@ -1,0 +1,434 @@
+"""The query pipeline: one decoded image in, a ranked list of hits with match classes, scores and sightings out.
+
+Tiers, in order (each says whether it ran, and why not when it did not):
+
+1. **sha256**: the exact bytes were seen before.
+2. **pdq** / **phash**: Hamming range search of the query's hashes and of its mirror's (FAISS binary indexes).
+3. **clip**: kNN of the query's CLIP embedding (when a model is configured and its index exists).
+4. **faces**: the query's faces (MTCNN, aligned) against the face index (when a detector is configured).
+5. **verify**: local features + RANSAC of the best candidates against their stored thumbnails, so that crops,
+   pads, rotations and overlays are confirmed as copies and look-alikes are rejected.
+
+Cost per query is independent of the collection size except inside FAISS: candidates come from the indexes,
+and SQL is read only by primary key for at most a few dozen candidates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+from sqlalchemy import select
+
+from indexer.decode import DecodedImage
+from indexer.embedders import ImageEmbedder
+from indexer.hashes import compute_hashes
+from indexer.index_sync import clip_spec, face_spec
+from indexer.ingest import thumbnail_path
+from indexer.mtcnn import FaceDetector
+from indexer.settings import Settings
+from indexer.store.db import Store, open_store
+from indexer.store.models import Collection, Face, Image, Sighting
+from indexer.vector_index import BinaryIndex, FloatIndex, load_index
+from search.verify import LocalFeatures, Verification, Verifier
+
+log = logging.getLogger(__name__)
+
+MATCH_CLASSES = ("exact", "near_duplicate", "similar")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds of a query; every field can be overridden per query."""
+
+    pdq_max_distance: int = 31  # of 256 bits: PDQ's reference threshold; within it a hit is a near-duplicate
+    phash_max_distance: int = 10  # of 64 bits: pHash hits are candidates, confirmed by verification
+    hash_k: int = 10  # nearest PDQ and pHash codes taken as verification candidates whatever their distance
+    clip_k: int = 20  # CLIP nearest neighbours taken as candidates
+    clip_min_similarity: float = 0.80  # cosine: at or above, a hit is reported as visually similar
+    face_min_similarity: float = 0.85  # cosine between aligned face embeddings
+    verify_top: int = 10  # candidates verified with local features + RANSAC
+    min_inliers: int = 15  # RANSAC inliers that make a verified copy
+
+    def with_overrides(self, **overrides: Any) -> Thresholds:
+        unknown = set(overrides) - set(asdict(self))
+        if unknown:
+            raise ValueError(f"unknown thresholds {sorted(unknown)}; known: {sorted(asdict(self))}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class Hit:
+    image_id: int
+    sha256: str = ""
+    match_class: str = "similar"
+    score: float = 0.0
+    scores: dict[str, float] = field(default_factory=dict)
+    label: str = "unknown"
+    generator: str | None = None
+    width: int = 0
+    height: int = 0
+    sightings: list[dict[str, Any]] = field(default_factory=list)
+    verification: dict[str, Any] | None = None
+    faces: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class SearchResult:
+    query: dict[str, Any]
+    tiers: list[str]
+    skipped_tiers: dict[str, str]
+    hits: list[Hit]
+    faces: list[dict[str, Any]]
+    thresholds: dict[str, Any]
+    index_builds: dict[str, int | None]
+    models: dict[str, Any]
+    timings_ms: dict[str, float]
+
+
+def result_to_json(result: SearchResult) -> dict[str, Any]:
+    """The JSON document of one query (hits best first)."""
+    return asdict(result)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    def add(self, name: str, started: float) -> float:
+        now = time.perf_counter()
+        self.ms[name] = round(self.ms.get(name, 0.0) + (now - started) * 1000.0, 3)
+        return now
+
+
+class Searcher:
+    """Indexes, models and store of one query process. Open once, search many times (thread-safe reads)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        embedder: ImageEmbedder | None = None,
+        face_detector: FaceDetector | None = None,
+        verifier: Verifier | None = None,
+    ) -> None:
+        self.settings, self.store = settings, store
+        self.embedder, self.face_detector = embedder, face_detector
+        self.verifier = verifier or Verifier()
+        self.pdq = _binary(settings.index_dir, "pdq")
+        self.phash = _binary(settings.index_dir, "phash")
+        self.clip: FloatIndex | None = None
+        self.faces_index: FloatIndex | None = None
+        self._skipped: dict[str, str] = {}
+        if embedder is None:
+            self._skipped["clip"] = "no CLIP model configured (SLEUTH_CLIP_MODEL)"
+        else:
+            self.clip = _float(settings.index_dir, clip_spec(embedder.model_key, embedder.dim).name)
+            if self.clip is None:
+                self._skipped["clip"] = (
+                    f"no CLIP index for {embedder.model_id}: ingest with this model to build it"
+                )
+        if face_detector is None or embedder is None:
+            self._skipped["faces"] = "no face detector configured (SLEUTH_FACE_DETECTOR) or no CLIP model"
+        else:
+            self.faces_index = _float(settings.index_dir, face_spec(embedder.model_key, embedder.dim).name)
+            if self.faces_index is None:
+                self._skipped["faces"] = (
+                    "no face index: ingest with a face detector and CLIP model to build it"
+                )
+
+    @classmethod
+    def open(
+        cls,
+        settings: Settings,
+        *,
+        clip_model: ImageEmbedder | None = None,
+        face_detector: FaceDetector | None = None,
+        store: Store | None = None,
+    ) -> Searcher:
+        return cls(settings, store or open_store(settings), embedder=clip_model, face_detector=face_detector)
+
+    def close(self) -> None:
+        self.store.dispose()
+
+    @property
+    def index_builds(self) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for index in (self.pdq, self.phash, self.clip, self.faces_index):
+            if index is not None:
+                out[index.info.name] = index.info.build_id
+        return out
+
+    # --- the query ---------------------------------------------------------------------------------
+    def search(
+        self, decoded: DecodedImage, *, k: int = 10, thresholds: Thresholds | None = None
+    ) -> SearchResult:
+        """Every tier for one decoded image; hits best first, at most ``k``."""
+        t = thresholds or Thresholds()
+        clock = _Clock()
+        started = time.perf_counter()
+        tiers = ["sha256", "pdq", "phash"]
+        skipped = dict(self._skipped)
+        hashes = compute_hashes(decoded.image)
+        query_vec = self._embed(decoded.image) if self.clip is not None else None
+        started = clock.add("embed", started)
+
+        pdq = _nearest(self.pdq, [hashes.pdq, hashes.pdq_mirror], t.pdq_max_distance, t.hash_k)
+        phash = _nearest(self.phash, [hashes.phash, hashes.phash_mirror], t.phash_max_distance, t.hash_k)
+        clip: dict[int, float] = {}
+        if self.clip is not None and query_vec is not None:
+            tiers.append("clip")
+            clip = _knn(self.clip, query_vec, t.clip_k)
+        started = clock.add("search", started)
+
+        face_hits: dict[int, float] = {}
+        faces: list[dict[str, Any]] = []
+        if self.faces_index is not None:
+            tiers.append("faces")
+            faces, face_hits = self._faces(decoded.image, t)
+            started = clock.add("faces", started)
+
+        with self.store.session() as s:
+            exact = s.execute(select(Image.id).where(Image.sha256 == decoded.sha256)).scalar()
+            ids = set(pdq) | set(phash) | set(clip) | set(face_hits) | ({int(exact)} if exact else set())
+            images = (
+                {i.id: i for i in s.execute(select(Image).where(Image.id.in_(ids))).scalars()} if ids else {}
+            )
+        started = clock.add("metadata", started)
+
+        hits = {i: Hit(image_id=i) for i in images}
+        for image_id, hit in hits.items():
+            if image_id in pdq:
+                hit.scores["pdq_distance"] = pdq[image_id]
+            if image_id in phash:
+                hit.scores["phash_distance"] = phash[image_id]
+            if image_id in clip:
+                hit.scores["clip_similarity"] = round(clip[image_id], 4)
+            if image_id in face_hits:
+                hit.scores["face_similarity"] = round(face_hits[image_id], 4)
+
+        tiers.append("verify")
+        self._verify(decoded, exact, hits, images, t)
+        started = clock.add("verify", started)
+
+        ranked = [h for h in (_classify(h, exact, t) for h in hits.values()) if h is not None]
+        ranked.sort(key=lambda h: (MATCH_CLASSES.index(h.match_class), -h.score, h.image_id))
+        ranked = ranked[:k]
+        self._attach_metadata(ranked, images)
+        clock.add("metadata", started)
+
+        return SearchResult(
+            query={
+                "sha256": decoded.sha256, "width": decoded.width, "height": decoded.height,
+                "format": decoded.format, "num_bytes": decoded.num_bytes,
+                "hashes": {
+                    "pdq": hashes.pdq.hex(), "pdq_quality": hashes.pdq_quality, "phash": hashes.phash.hex(),
+                },
+            },
+            tiers=tiers,
+            skipped_tiers={k_: v for k_, v in skipped.items() if k_ not in tiers},
+            hits=ranked,
+            faces=faces,
+            thresholds=asdict(t),
+            index_builds=self.index_builds,
+            models=self.models(),
+            timings_ms=clock.ms,
+        )  # fmt: skip
+
+    def models(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"verifier": {"method": self.verifier.config.method}}
+        if self.embedder is not None:
+            out["clip"] = {"model_id": self.embedder.model_id, "weights_sha256": self.embedder.weights_sha256}
+        if self.face_detector is not None:
+            out["face_detector"] = {"model": "mtcnn", "path": str(self.settings.face_detector)}
+        return out
+
+    # --- tiers ---------------------------------------------------------------------------------------
+    def _embed(self, image: PILImage.Image) -> np.ndarray:
+        assert self.embedder is not None
+        vec = self.embedder.embed([image])  # [1, dim], L2-normalised
+        return np.asarray(vec, dtype=np.float32).reshape(1, -1)
+
+    def _faces(self, image: PILImage.Image, t: Thresholds) -> tuple[list[dict[str, Any]], dict[int, float]]:
+        """The query's faces and, per indexed image, the best face similarity at or above the threshold."""
+        from indexer.faces import describe_faces
+
+        assert self.face_detector is not None and self.embedder is not None and self.faces_index is not None
+        found = describe_faces(image, self.face_detector)
+        if not found:
+            return [], {}
+        vecs = np.asarray(self.embedder.embed([crop for _, crop in found]), dtype=np.float32)  # [n, dim]
+        sims, face_ids = self.faces_index.search(vecs, t.clip_k)  # [n, k]
+        wanted = {int(i) for i in face_ids.ravel() if i >= 0}
+        with self.store.session() as s:
+            owner = (
+                dict(s.execute(select(Face.id, Face.image_id).where(Face.id.in_(wanted))).all())
+                if wanted
+                else {}
+            )
+        faces: list[dict[str, Any]] = []
+        best: dict[int, float] = {}
+        for n, (face, _) in enumerate(found):
+            matches = []
+            for sim, fid in zip(sims[n].tolist(), face_ids[n].tolist(), strict=True):
+                if fid < 0 or sim < t.face_min_similarity or fid not in owner:
+                    continue
+                image_id = int(owner[fid])
+                matches.append(
+                    {"image_id": image_id, "face_id": int(fid), "similarity": round(float(sim), 4)}
+                )
+                best[image_id] = max(best.get(image_id, -1.0), float(sim))
+            faces.append(
+                {
+                    "box": [round(v, 1) for v in face.box],
+                    "score": round(float(face.score), 4),
+                    "matches": matches,
+                }
+            )
+        return faces, best
+
+    def _verify(
+        self,
+        decoded: DecodedImage,
+        exact: int | None,
+        hits: dict[int, Hit],
+        images: dict[int, Image],
+        t: Thresholds,
+    ) -> None:
+        """Local features + RANSAC of the best ``verify_top`` non-exact candidates against their thumbnails."""
+        order = sorted((h for h in hits.values() if h.image_id != exact), key=_prior)[: t.verify_top]
+        features: list[LocalFeatures] = []
+        verified: list[Hit] = []
+        for hit in order:
+            image = images[hit.image_id]
+            path = thumbnail_path(self.settings, image.sha256)
+            if not path.exists():
+                continue
+            with PILImage.open(path) as thumb:
+                features.append(
+                    self.verifier.extract(thumb.convert("RGB"), original_size=(image.width, image.height))
+                )
+            verified.append(hit)
+        if not verified:
+            return
+        results = self.verifier.verify_many(decoded.image, features, min_inliers=t.min_inliers)
+        for hit, v in zip(verified, results, strict=True):
+            hit.scores["inliers"] = v.inliers
+            hit.verification = _verification_json(v)
+
+    def _attach_metadata(self, hits: list[Hit], images: dict[int, Image]) -> None:
+        ids = [h.image_id for h in hits]
+        if not ids:
+            return
+        with self.store.session() as s:
+            rows = s.execute(
+                select(Sighting, Collection.name)
+                .join(Collection, Collection.id == Sighting.collection_id)
+                .where(Sighting.image_id.in_(ids))
+                .order_by(Sighting.first_seen, Sighting.id)
+            ).all()
+        sightings: dict[int, list[dict[str, Any]]] = {}
+        for sighting, collection in rows:
+            sightings.setdefault(sighting.image_id, []).append(
+                {
+                    "collection": collection, "source_key": sighting.source_key, "url": sighting.url,
+                    "page_url": sighting.page_url, "first_seen": sighting.first_seen, "licence": sighting.licence,
+                    "ingested_at": sighting.created_at.isoformat() if sighting.created_at else None,
+                }
+            )  # fmt: skip
+        for hit in hits:
+            image = images[hit.image_id]
+            hit.sha256, hit.label, hit.generator = image.sha256, image.label, image.generator
+            hit.width, hit.height = image.width, image.height
+            hit.sightings = sightings.get(hit.image_id, [])
+
+
+def _prior(hit: Hit) -> tuple[float, int]:
+    """Verification order: the candidate closest to the query in any tier first (distances scaled to [0, 1])."""
+    s = hit.scores
+    closeness = min(
+        s.get("pdq_distance", 256) / 256.0,
+        s.get("phash_distance", 64) / 64.0,
+        1.0 - s.get("clip_similarity", 0.0),
+        1.0 - s.get("face_similarity", 0.0),
+    )
+    return (closeness, hit.image_id)
+
+
+def _classify(hit: Hit, exact: int | None, t: Thresholds) -> Hit | None:
+    """Assign the match class and fused score (in [0, 1]; classes never interleave), or None to drop the hit."""
+    inliers = hit.scores.get("inliers", 0)
+    verified = bool(hit.verification and hit.verification.get("accepted"))
+    pdq = hit.scores.get("pdq_distance")
+    if exact is not None and hit.image_id == exact:
+        hit.match_class, hit.score = "exact", 1.0
+        return hit
+    if verified or (pdq is not None and pdq <= t.pdq_max_distance):
+        confidence = max(
+            inliers / (inliers + 20.0) if verified else 0.0,
+            1.0 - pdq / 64.0 if pdq is not None else 0.0,
+        )
+        hit.match_class, hit.score = "near_duplicate", round(0.5 + 0.5 * min(max(confidence, 0.0), 0.999), 4)
+        return hit
+    sim = max(hit.scores.get("clip_similarity", -1.0), hit.scores.get("face_similarity", -1.0))
+    if hit.scores.get("clip_similarity", -1.0) >= t.clip_min_similarity or (
+        hit.scores.get("face_similarity", -1.0) >= t.face_min_similarity
+    ):
+        hit.match_class, hit.score = "similar", round(0.5 * min(max(sim, 0.0), 0.999), 4)
+        return hit
+    return None
+
+
+def _verification_json(v: Verification) -> dict[str, Any]:
+    return {
+        "accepted": v.accepted, "inliers": v.inliers, "matches": v.matches,
+        "inlier_ratio": round(v.inlier_ratio, 4), "scale": None if v.scale is None else round(v.scale, 4),
+        "rotation_deg": None if v.rotation_deg is None else round(v.rotation_deg, 2), "mirrored": v.mirrored,
+    }  # fmt: skip
+
+
+def _binary(index_dir: Path, name: str) -> BinaryIndex | None:
+    index = load_index(index_dir, name)
+    if index is not None and not isinstance(index, BinaryIndex):
+        raise TypeError(f"index {name} in {index_dir} is not a binary index")
+    return index
+
+
+def _float(index_dir: Path, name: str) -> FloatIndex | None:
+    index = load_index(index_dir, name)
+    if index is not None and not isinstance(index, FloatIndex):
+        raise TypeError(f"index {name} in {index_dir} is not a float index")
+    return index
+
+
+def _nearest(index: BinaryIndex | None, codes: list[bytes], max_distance: int, k: int) -> dict[int, int]:
+    """Smallest Hamming distance per image id, for every id within ``max_distance`` of any of ``codes`` and
+    for the ``k`` nearest of each code whatever their distance (candidates for verification)."""
+    if index is None:
+        return {}
+    queries = np.frombuffer(b"".join(codes), dtype=np.uint8).reshape(len(codes), -1)  # [m, bytes]
+    best: dict[int, int] = {}
+
+    def keep(dists: np.ndarray, ids: np.ndarray) -> None:
+        for d, i in zip(dists.tolist(), ids.tolist(), strict=True):
+            if i >= 0:
+                best[int(i)] = min(best.get(int(i), 1 << 30), int(d))
+
+    for dists, ids in index.range_search(queries, max_distance):
+        keep(dists, ids)
+    if k > 0:
+        dists, ids = index.search(queries, k)  # [m, k]
+        for row in range(len(codes)):
+            keep(dists[row], ids[row])
+    return best
+
+
+def _knn(index: FloatIndex, query: np.ndarray, k: int) -> dict[int, float]:
+    sims, ids = index.search(query, k)  # [1, k]
+    return {int(i): float(s) for s, i in zip(sims[0].tolist(), ids[0].tolist(), strict=True) if i >= 0}
