@@ -248,5 +248,11 @@ from api.cli_search import demo, search  # noqa: E402  (the commands import the 
 app.command("search")(search)
 app.command("demo")(demo)
 
+from api.cli_server import keys_app, serve, worker  # noqa: E402
+
+app.command("serve")(serve)
+app.command("worker")(worker)
+app.add_typer(keys_app, name="keys")
+
 if __name__ == "__main__":  # pragma: no cover
     app()
