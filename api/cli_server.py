@@ -14,7 +14,7 @@ from api import commands
 from api.cli import DataDirOpt, JsonOpt, _print_json, _settings, err, handles_errors, out
 from indexer.store.api_models import SCOPES
 
-keys_app = typer.Typer(no_args_is_help=True, help="API keys (stored hashed) and the audit log.")
+keys_app: typer.Typer = typer.Typer(no_args_is_help=True, help="API keys (stored hashed) and the audit log.")
 
 
 def _configure_logging(level: str) -> None:
