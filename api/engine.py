@@ -1,7 +1,7 @@
 """What the API loads once at start-up: the store, models and searcher; searches, refines and ingests.
 
-The searcher is ``search.query.Searcher`` when that module exists, else ``api.copy_search.CopySearcher``.
-After an ingest (in this process or in another worker), the saved indexes change; ``maybe_reload`` notices
+The searcher is ``search.query.Searcher`` (every tier the configured models allow). After an ingest (in
+this process or in another worker), the saved indexes change; ``maybe_reload`` notices
 (the index info files' modification times) and swaps in a fresh searcher, so new images are found.
 """
 
@@ -19,6 +19,7 @@ from api.settings import ApiSettings
 from indexer.decode import DecodedImage
 from indexer.settings import Settings
 from indexer.store.db import Store, open_store
+from search.query import Searcher, result_to_json
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class Engine:
         self._lock = threading.Lock()
         self._signature = self._index_signature()
         self._last_check = time.monotonic()
-        self.searcher: Any = self._open_searcher()
+        self.searcher: Searcher = self._open_searcher()
         self.loaded_at = dt.datetime.now(dt.UTC)
 
     # --- searcher ---------------------------------------------------------------------------------
@@ -66,15 +67,10 @@ class Engine:
     def searcher_kind(self) -> str:
         return type(self.searcher).__module__ + "." + type(self.searcher).__name__
 
-    def _open_searcher(self) -> Any:
-        if _has_module("search.query"):
-            from search.query import Searcher
-
-            return Searcher.open(self.settings, clip_model=self.embedder, face_detector=self.face_detector)
-        from api.copy_search import CopySearcher
-
-        log.warning("search.query is not available: searches use the copy-detection tiers only")
-        return CopySearcher(self.store, self.settings.index_dir)
+    def _open_searcher(self) -> Searcher:
+        return Searcher.open(
+            self.settings, clip_model=self.embedder, face_detector=self.face_detector, store=self.store
+        )
 
     def _index_signature(self) -> tuple[tuple[str, int], ...]:
         folder = self.settings.index_dir
@@ -103,15 +99,10 @@ class Engine:
         return True
 
     def search(self, decoded: DecodedImage, *, k: int | None = None) -> dict[str, object]:
-        """The copy and similarity tiers for ``decoded``, as a JSON-ready dict."""
+        """Every search tier for ``decoded`` (``search.query``), as its JSON document."""
         self.maybe_reload()
         searcher = self.searcher
-        k = k or self.api_settings.search_k
-        if hasattr(searcher, "search") and _has_module("search.query") and not _is_copy(searcher):
-            from search.query import result_to_json
-
-            return dict(result_to_json(searcher.search(decoded, k=k)))
-        return dict(searcher.search(decoded, k=k))
+        return dict(result_to_json(searcher.search(decoded, k=k or self.api_settings.search_k)))
 
     def refine(self, decoded: DecodedImage, base: dict[str, object]) -> dict[str, object]:
         """Projection evidence for the faces of ``decoded`` (the refine tier), merged into ``base``."""
@@ -130,12 +121,6 @@ class Engine:
 
     def close(self) -> None:
         self.store.dispose()
-
-
-def _is_copy(searcher: Any) -> bool:
-    from api.copy_search import CopySearcher
-
-    return isinstance(searcher, CopySearcher)
 
 
 def query_path(settings: Settings, sha256: str) -> Path:
