@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from indexer.settings import Settings
 from indexer.store.db import Store, open_store
 from indexer.store.models import Collection, Face, Image, Sighting
 from indexer.vector_index import BinaryIndex, FloatIndex, load_index
-from search.verify import LocalFeatures, Verification, Verifier
+from search.verify import FeatureCache, LocalFeatures, Verification, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ class Thresholds:
         if unknown:
             raise ValueError(f"unknown thresholds {sorted(unknown)}; known: {sorted(asdict(self))}")
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def candidate_thresholds(base: Thresholds | None = None) -> Thresholds:
+    """``base`` (default: the defaults) with every candidate reported, whatever its scores: for calibration,
+    where :func:`classify_scores` is applied afterwards to the recorded per-tier scores."""
+    return replace(base or Thresholds(), clip_min_similarity=-1.0, face_min_similarity=-1.0)
 
 
 @dataclass
@@ -121,6 +128,7 @@ class Searcher:
         self.settings, self.store = settings, store
         self.embedder, self.face_detector = embedder, face_detector
         self.verifier = verifier or Verifier()
+        self.features = FeatureCache(settings.cache_dir / "local-features", self.verifier.config)
         self.pdq = _binary(settings.index_dir, "pdq")
         self.phash = _binary(settings.index_dir, "phash")
         self.clip: FloatIndex | None = None
@@ -214,7 +222,11 @@ class Searcher:
                 hit.scores["face_similarity"] = round(face_hits[image_id], 4)
 
         tiers.append("verify")
-        self._verify(decoded, exact, hits, images, t)
+        ranks = _tier_ranks(
+            {"pdq": {i: float(d) for i, d in pdq.items()}, "phash": {i: float(d) for i, d in phash.items()}},
+            {"clip": clip, "faces": face_hits},
+        )
+        self._verify(decoded, exact, hits, images, t, ranks)
         started = clock.add("verify", started)
 
         ranked = [h for h in (_classify(h, exact, t) for h in hits.values()) if h is not None]
@@ -300,20 +312,26 @@ class Searcher:
         hits: dict[int, Hit],
         images: dict[int, Image],
         t: Thresholds,
+        ranks: dict[int, int],
     ) -> None:
-        """Local features + RANSAC of the best ``verify_top`` non-exact candidates against their thumbnails."""
-        order = sorted((h for h in hits.values() if h.image_id != exact), key=_prior)[: t.verify_top]
+        """Local features + RANSAC of the best ``verify_top`` non-exact candidates against their thumbnails.
+
+        The order interleaves the tiers (each tier's best candidate, then each tier's second, ...), so that a
+        crop found only by CLIP is verified even when PDQ offers many far candidates. Candidate features come
+        from the feature cache: extracted from the thumbnail once per image, never per query.
+        """
+        order = sorted(
+            (h for h in hits.values() if h.image_id != exact),
+            key=lambda h: (ranks.get(h.image_id, 1 << 30), _prior(h)),
+        )[: t.verify_top]
         features: list[LocalFeatures] = []
         verified: list[Hit] = []
         for hit in order:
             image = images[hit.image_id]
             path = thumbnail_path(self.settings, image.sha256)
-            if not path.exists():
+            if not path.exists() and not self.features.path(image.sha256).exists():
                 continue
-            with PILImage.open(path) as thumb:
-                features.append(
-                    self.verifier.extract(thumb.convert("RGB"), original_size=(image.width, image.height))
-                )
+            features.append(self.features.get(image.sha256, partial(_load_thumb, path, image), self.verifier))
             verified.append(hit)
         if not verified:
             return
@@ -349,6 +367,25 @@ class Searcher:
             hit.sightings = sightings.get(hit.image_id, [])
 
 
+def _load_thumb(path: Path, image: Image) -> tuple[PILImage.Image, tuple[int, int]]:
+    """The stored thumbnail's pixels and the original's size (for transforms in original pixels)."""
+    with PILImage.open(path) as thumb:
+        return thumb.convert("RGB"), (image.width, image.height)
+
+
+def _tier_ranks(
+    distances: dict[str, dict[int, float]], similarities: dict[str, dict[int, float]]
+) -> dict[int, int]:
+    """Each candidate's best rank over the tiers (0: the nearest of some tier)."""
+    best: dict[int, int] = {}
+    ordered = [sorted(d, key=lambda i: (d[i], i)) for d in distances.values()]
+    ordered += [sorted(d, key=lambda i: (-d[i], i)) for d in similarities.values()]
+    for ids in ordered:
+        for rank, image_id in enumerate(ids):
+            best[image_id] = min(best.get(image_id, rank), rank)
+    return best
+
+
 def _prior(hit: Hit) -> tuple[float, int]:
     """Verification order: the candidate closest to the query in any tier first (distances scaled to [0, 1])."""
     s = hit.scores
@@ -361,28 +398,41 @@ def _prior(hit: Hit) -> tuple[float, int]:
     return (closeness, hit.image_id)
 
 
-def _classify(hit: Hit, exact: int | None, t: Thresholds) -> Hit | None:
-    """Assign the match class and fused score (in [0, 1]; classes never interleave), or None to drop the hit."""
-    inliers = hit.scores.get("inliers", 0)
-    verified = bool(hit.verification and hit.verification.get("accepted"))
-    pdq = hit.scores.get("pdq_distance")
-    if exact is not None and hit.image_id == exact:
-        hit.match_class, hit.score = "exact", 1.0
-        return hit
+def classify_scores(
+    scores: dict[str, float], t: Thresholds, *, exact: bool = False
+) -> tuple[str | None, float]:
+    """The match class and fused score of one candidate from its per-tier scores (None: not reported).
+
+    Classes never interleave in the ranking: exact scores 1, near-duplicates (0.5, 1), similar hits [0, 0.5).
+    ``inliers`` counts as a verified copy at ``min_inliers`` or more.
+    """
+    if exact:
+        return "exact", 1.0
+    inliers = scores.get("inliers", 0)
+    verified = inliers >= t.min_inliers
+    pdq = scores.get("pdq_distance")
     if verified or (pdq is not None and pdq <= t.pdq_max_distance):
         confidence = max(
             inliers / (inliers + 20.0) if verified else 0.0,
             1.0 - pdq / 64.0 if pdq is not None else 0.0,
         )
-        hit.match_class, hit.score = "near_duplicate", round(0.5 + 0.5 * min(max(confidence, 0.0), 0.999), 4)
-        return hit
-    sim = max(hit.scores.get("clip_similarity", -1.0), hit.scores.get("face_similarity", -1.0))
-    if hit.scores.get("clip_similarity", -1.0) >= t.clip_min_similarity or (
-        hit.scores.get("face_similarity", -1.0) >= t.face_min_similarity
-    ):
-        hit.match_class, hit.score = "similar", round(0.5 * min(max(sim, 0.0), 0.999), 4)
-        return hit
-    return None
+        return "near_duplicate", round(0.5 + 0.5 * min(max(confidence, 0.0), 0.999), 4)
+    clip = scores.get("clip_similarity", -1.0)
+    face = scores.get("face_similarity", -1.0)
+    if clip >= t.clip_min_similarity or face >= t.face_min_similarity:
+        return "similar", round(0.5 * min(max(clip, face, 0.0), 0.999), 4)
+    return None, 0.0
+
+
+def _classify(hit: Hit, exact: int | None, t: Thresholds) -> Hit | None:
+    """Assign the match class and fused score, or None to drop the hit."""
+    match_class, score = classify_scores(hit.scores, t, exact=exact is not None and hit.image_id == exact)
+    if match_class is None:
+        return None
+    hit.match_class, hit.score = match_class, score
+    if hit.verification is not None:
+        hit.verification["accepted"] = hit.scores.get("inliers", 0) >= t.min_inliers
+    return hit
 
 
 def _verification_json(v: Verification) -> dict[str, Any]:
