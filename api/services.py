@@ -20,6 +20,7 @@ from api.jobs import ProgressFn
 from indexer.decode import decode_image
 from indexer.errors import ForbiddenError, IndexBusyError, NotFoundError, SleuthError, SourceError
 from indexer.ingest import IngestSummary, ingest, thumbnail_path
+from indexer.sources import iter_source, source_kind
 from indexer.store.api_models import Report
 from indexer.store.models import Collection, Image, Sighting
 from search.report import ProvenanceReport, QueryFacts, build_report, query_facts, save_query_thumbnail
@@ -235,11 +236,30 @@ def resolve_ingest_source(source: str, roots: list[Path]) -> Path:
         path = Path(source).resolve(strict=True)
     except (OSError, RuntimeError) as exc:
         raise NotFoundError(f"the source {source!r} does not exist") from exc
-    for root in roots:
-        real_root = root.resolve()
-        if path == real_root or path.is_relative_to(real_root):
-            return path
-    raise ForbiddenError(f"the source {source!r} is outside the configured ingest roots")
+    if not _inside(path, roots):
+        raise ForbiddenError(f"the source {source!r} is outside the configured ingest roots")
+    check_source_items(path, roots)
+    return path
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == (real := root.resolve()) or path.is_relative_to(real) for root in roots)
+
+
+def check_source_items(source: Path, roots: list[Path]) -> None:
+    """Every file a folder or manifest source would read lies inside the roots too (no manifest row or
+    symlink reaches outside them); URL rows are recorded, never fetched (the source refuses to read them)."""
+    kind = source_kind(source)
+    if kind == "shards":
+        return  # members are read from the tar stream itself
+    base = source if kind == "folder" else source.parent
+    for item in iter_source(source):
+        if "://" in item.key:
+            continue
+        if not _inside((base / item.key).resolve(), roots):
+            raise ForbiddenError(
+                f"the source {source.name} reads {item.key!r}, which is outside the ingest roots"
+            )
 
 
 def ingest_job(engine: Engine, params: dict[str, Any], progress: ProgressFn) -> dict[str, object]:

@@ -394,3 +394,28 @@ def test_urls_given_with_an_upload_are_recorded_and_never_fetched(api: Api) -> N
         assert r.status_code == 403 and "never fetched" in r.json()["message"]
     finally:
         listener.close()
+
+
+def test_manifest_rows_and_symlinks_that_reach_outside_the_roots_are_refused(
+    api: Api, tmp_path: Path
+) -> None:
+    outside = tmp_path / "private"
+    write_corpus(outside, 1)
+    secret = next(outside.iterdir())
+    (api.roots / "evil.csv").write_text(f"path,label\n{secret},real\n")
+    (api.roots / "linked").mkdir()
+    (api.roots / "linked" / "a.jpg").symlink_to(secret)
+    for source in ("evil.csv", "linked"):
+        r = api.client.post(
+            "/v1/ingest-jobs",
+            json={"source": str(api.roots / source), "collection": "x"},
+            headers=api.h("ingest"),
+        )
+        assert r.status_code == 403 and "outside the ingest roots" in r.json()["message"], r.text
+    (api.roots / "fine.csv").write_text("path,label\ncorpus/img_00001.jpg,real\n")
+    r = api.client.post(
+        "/v1/ingest-jobs",
+        json={"source": str(api.roots / "fine.csv"), "collection": "x"},
+        headers=api.h("ingest"),
+    )
+    assert r.status_code == 202 and api.wait_job(r.json()["job_url"], "ingest")["status"] == "done"
