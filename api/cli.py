@@ -253,6 +253,3 @@ from api.cli_server import keys_app, serve, worker  # noqa: E402
 app.command("serve")(serve)
 app.command("worker")(worker)
 app.add_typer(keys_app, name="keys")
-
-if __name__ == "__main__":  # pragma: no cover
-    app()

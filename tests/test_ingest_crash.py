@@ -27,7 +27,7 @@ def _ingest_process(source: Path, data_dir: Path, collection: str) -> subprocess
     cmd = [
         sys.executable,
         "-m",
-        "api.cli",
+        "api",
         "ingest",
         str(source),
         "--collection",
