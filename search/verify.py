@@ -41,7 +41,7 @@ class VerifyConfig:
 
     method: str = "rootsift"
     max_side: int = 512
-    max_features: int = 1000
+    max_features: int = 600
     ratio: float = 0.8
     ransac_threshold: float = 6.0  # pixels, in the 512-px working frame
     ransac_iters: int = 2000
@@ -177,12 +177,14 @@ class Verifier:
     def _ratio_from_sims(
         self, query: LocalFeatures, cand: LocalFeatures, sims: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Lowe's ratio test on a block of similarities [n_query, n_cand], one query point per candidate point."""
-        top2 = np.argpartition(-sims, 1, axis=1)[:, :2]  # [n, 2] (unordered)
-        s2 = np.take_along_axis(sims, top2, axis=1)  # [n, 2]
-        first = np.argmax(s2, axis=1)  # [n]
+        """Lowe's ratio test on a block of similarities [n_query, n_cand], one query point per candidate point.
+        ``sims`` is overwritten (callers pass a scratch block)."""
         rows = np.arange(len(sims))
-        best_idx, best_sim, second_sim = top2[rows, first], s2[rows, first], s2[rows, 1 - first]
+        best_idx = np.argmax(sims, axis=1)  # [n]
+        best_sim = sims[rows, best_idx]
+        sims = sims.copy() if not sims.flags.writeable else sims
+        sims[rows, best_idx] = -np.inf  # the block is scratch space: its best is read, the second remains
+        second_sim = sims.max(axis=1)  # [n]
         d1 = np.sqrt(np.maximum(2.0 - 2.0 * best_sim, 0.0))  # L2 distance of unit vectors
         d2 = np.sqrt(np.maximum(2.0 - 2.0 * second_sim, 0.0))
         ok = np.flatnonzero(d1 < self.config.ratio * d2)
