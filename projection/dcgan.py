@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -112,8 +112,9 @@ class DCGANGenerator(Generator):
                     module.momentum = 0.1
                     module.training = False
             # Rescale the output layer so the pre-tanh values have std 0.8 (images use the [-1, 1] range).
-            pre_tanh = self.main[:-1](torch.randn(256, self.z_dim, 1, 1))  # [256, 3, R, R]
-            self.main[-2].weight.mul_(0.8 / pre_tanh.std())
+            body = cast(nn.Sequential, self.main[:-1])
+            pre_tanh = body(torch.randn(256, self.z_dim, 1, 1))  # [256, 3, R, R]
+            cast(nn.ConvTranspose2d, self.main[-2]).weight.mul_(0.8 / pre_tanh.std())
 
     def train(self, mode: bool = True) -> DCGANGenerator:
         """Always eval: BatchNorm must use running statistics so images do not depend on the batch."""

@@ -171,10 +171,7 @@ def _stylegan2_synthesize(
     x = net.const[None].expand(ws.shape[0], -1, -1, -1)  # [N, C4, 4, 4]
     img: torch.Tensor | None = None
     for b in range(len(net.to_rgbs)):
-        if b == 0:
-            x = conv(0, x)
-        else:
-            x = conv(2 * b, conv(2 * b - 1, x))
+        x = conv(0, x) if b == 0 else conv(2 * b, conv(2 * b - 1, x))
         y = net.to_rgbs[b](x, ws[:, 2 * b + 1])  # [N, 3, R_b, R_b]
         img = y if img is None else upsample2x(img, net.fir) + y
     assert img is not None
@@ -200,7 +197,7 @@ class LpipsDistance:
 
     def __init__(self, lpips_model: torch.nn.Module, targets: torch.Tensor) -> None:
         """targets: ``[M, 3, H, W]`` in [-1, 1]."""
-        self.model = lpips_model
+        self.model: Any = lpips_model  # an lpips.LPIPS (untyped package)
         with torch.no_grad():
             self.target_feats = [self._normalized(f) for f in self._features(targets)]
 
