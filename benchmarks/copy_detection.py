@@ -425,9 +425,84 @@ def report(path: Path, thresholds: Any = None) -> dict[str, Any]:
     return {"thresholds": dataclasses.asdict(t), "columns": columns}
 
 
+CROPS_UP_TO_30 = ("jpeg30", "resize50", "crop05", "crop10", "crop20", "crop30", "pad20", "rotate4", "flip",
+                  "grayscale", "blur", "overlay", "screenshot", "combo")  # fmt: skip
+
+
+def calibrate(path: Path) -> dict[str, Any]:
+    """Sweep the copy thresholds on the even-numbered queries of every transform, pick the setting with the
+    best recall whose distractor false-match rate is at most 1 %, and check it on the odd-numbered half."""
+    from search.query import Thresholds
+
+    queries, records, _meta = load_run(path)
+    seen: dict[tuple[str, str], int] = collections.Counter()
+    half: dict[int, int] = {}
+    for q in queries:
+        half[q.qid] = seen[(q.transform, q.kind)] % 2
+        seen[(q.transform, q.kind)] += 1
+    fit = [q for q in queries if half[q.qid] == 0]
+    check = [q for q in queries if half[q.qid] == 1]
+    rows = []
+    for pdq in (-1, 8, 16, 20, 24, 28, 31):
+        for inliers in (6, 8, 10, 12, 15, 18, 20, 25, 30, 40):
+            t = Thresholds(pdq_max_distance=pdq, min_inliers=inliers)
+            s = summarise(fit, system_predictions(fit, records, t))
+            recalls = [s[n]["recall_at_1"] for n in CROPS_UP_TO_30 if n in s]
+            rows.append(
+                {
+                    "pdq_max_distance": pdq, "min_inliers": inliers,
+                    "false_match": s["ALL"]["distractor_false_match_rate"],
+                    "min_recall_up_to_crop30": min(recalls) if recalls else None,
+                    "recall_crop50": s.get("crop50", {}).get("recall_at_1"),
+                    "recall_all": s["ALL"]["recall_at_1"], "muAP": s["ALL"]["muAP"],
+                }
+            )  # fmt: skip
+    ok = [r for r in rows if r["false_match"] <= 0.01]
+    best = max(ok, key=lambda r: (r["recall_all"], r["muAP"], r["min_inliers"], r["pdq_max_distance"]))
+    print(f"{'pdq':>4} {'inl':>4} {'false':>6} {'minR<=30':>8} {'R50':>6} {'R_all':>6} {'muAP':>6}")
+    for r in rows:
+        mark = " <-" if r is best else ""
+        print(
+            f"{r['pdq_max_distance']:>4} {r['min_inliers']:>4} {r['false_match']:>6.3f} "
+            f"{r['min_recall_up_to_crop30'] or 0:>8.3f} {r['recall_crop50'] or 0:>6.3f} {r['recall_all']:>6.3f} "
+            f"{r['muAP']:>6.3f}{mark}"
+        )
+    chosen = Thresholds(pdq_max_distance=best["pdq_max_distance"], min_inliers=best["min_inliers"])
+    held = summarise(check, system_predictions(check, records, chosen))
+    print(
+        f"\nchosen on the even half: pdq_max_distance={chosen.pdq_max_distance} min_inliers={chosen.min_inliers}"
+    )
+    print(f"odd half at the chosen thresholds: {json.dumps(held['ALL'])}")
+    # CLIP "similar" threshold: the best CLIP similarity each distractor query gets (any indexed image)
+    best_sim = sorted(
+        max((c["scores"].get("clip_similarity", -1.0) for c in records[q.qid]["candidates"]), default=-1.0)
+        for q in queries
+        if q.truth is None
+    )
+    true_sim = sorted(
+        next(
+            (
+                c["scores"].get("clip_similarity", -1.0)
+                for c in records[q.qid]["candidates"]
+                if c["sha256"] == q.truth
+            ),
+            -1.0,
+        )
+        for q in queries
+        if q.truth is not None
+    )
+    q99 = float(np.quantile(best_sim, 0.99)) if best_sim else None
+    print(
+        f"CLIP: 99th percentile of the best similarity of a distractor query {q99:.4f}; "
+        f"true source similarity of edited originals: median {float(np.median(true_sim)):.4f}, "
+        f"5th percentile {float(np.quantile(true_sim, 0.05)):.4f}"
+    )
+    return {"sweep": rows, "chosen": dataclasses.asdict(chosen), "odd_half": held, "clip_distractor_q99": q99}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["split", "run", "report"])
+    parser.add_argument("what", choices=["split", "run", "report", "calibrate"])
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--out", type=Path, default=OUT)
@@ -439,6 +514,10 @@ def main() -> None:
 
     if args.what == "split":
         print(*make_split(args.data, args.work))
+        return
+    if args.what == "calibrate":
+        doc = calibrate(args.out)
+        args.out.with_name(args.out.stem + "_calibration.json").write_text(json.dumps(doc, indent=1))
         return
     if args.what == "report":
         doc = report(args.out)

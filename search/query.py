@@ -204,10 +204,8 @@ class Searcher:
 
         with self.store.session() as s:
             exact = s.execute(select(Image.id).where(Image.sha256 == decoded.sha256)).scalar()
-            ids = set(pdq) | set(phash) | set(clip) | set(face_hits) | ({int(exact)} if exact else set())
-            images = (
-                {i.id: i for i in s.execute(select(Image).where(Image.id.in_(ids))).scalars()} if ids else {}
-            )
+        ids = set(pdq) | set(phash) | set(clip) | set(face_hits) | ({int(exact)} if exact else set())
+        images = self.fetch_images(ids)
         started = clock.add("metadata", started)
 
         hits = {i: Hit(image_id=i) for i in images}
@@ -232,7 +230,7 @@ class Searcher:
         ranked = [h for h in (_classify(h, exact, t) for h in hits.values()) if h is not None]
         ranked.sort(key=lambda h: (MATCH_CLASSES.index(h.match_class), -h.score, h.image_id))
         ranked = ranked[:k]
-        self._attach_metadata(ranked, images)
+        self.attach_metadata(ranked, images)
         clock.add("metadata", started)
 
         return SearchResult(
@@ -340,7 +338,15 @@ class Searcher:
             hit.scores["inliers"] = v.inliers
             hit.verification = _verification_json(v)
 
-    def _attach_metadata(self, hits: list[Hit], images: dict[int, Image]) -> None:
+    def fetch_images(self, ids: set[int]) -> dict[int, Image]:
+        """The candidates' rows, by primary key only."""
+        if not ids:
+            return {}
+        with self.store.session() as s:
+            return {i.id: i for i in s.execute(select(Image).where(Image.id.in_(ids))).scalars()}
+
+    def attach_metadata(self, hits: list[Hit], images: dict[int, Image]) -> None:
+        """Fill each hit's image facts and sightings (one query by image id)."""
         ids = [h.image_id for h in hits]
         if not ids:
             return
