@@ -179,7 +179,8 @@ def test_html_is_self_contained_escapes_sources_and_inlines_evidence(tmp_path: P
     projection = {"generator": "G", "lpips": 0.05, "probability_generated": 0.97,
                   "reconstruction": str(inside), "difference": str(outside), "target": png_uri((1, 2, 3))}  # fmt: skip
     doc = result_doc(
-        [hit(1, SHA_A, "exact", sightings=[sighting("2020-01-01", hostile)])], [{"projection": projection}]
+        [hit(1, SHA_A, "exact", sightings=[sighting("2020-01-01", hostile)])],
+        [{"projection": projection, "matches": [{"image_id": 1, "face_id": 2, "similarity": 0.97}]}],
     )
     report = build_report(doc, report_id="r-html", query=query_facts(decoded, data))
     page = render_html(report, settings=settings)
@@ -191,4 +192,5 @@ def test_html_is_self_contained_escapes_sources_and_inlines_evidence(tmp_path: P
     assert 'alt="reconstruction of face 1"' in page and 'alt="target of face 1"' in page
     assert 'alt="difference of face 1"' not in page  # a file outside the data directory is never read
     assert "Exact copy of a known image first seen 2020-01-01" in page
+    assert "Matches indexed faces: image 1 (similarity 0.97)" in page
     assert "IPTC yes" in page and "trainedAlgorithmicMedia" in page and code_version() in page

@@ -1,0 +1,90 @@
+"""Take ``docs/report-screenshot.png``: the web page after searching a real eval-set query.
+
+    .venv/bin/python docs/make_report_screenshot.py --data-dir /tmp/sleuth-bench/eval \
+        --query ../shared/data/eval-v1/gan_face/boredhumans_basemax/516.jpg \
+        --clip-model onnx:$HOME/.cache/sleuth-eval-models/clip-vit-b16-openai-image.onnx
+
+The data dir is copied first (the server never writes into the one given). The query is re-posted the way
+images travel (10 % crop, resized to 80 %, JPEG q75) and uploaded through the page in headless Chromium
+(Debian's /usr/bin/chromium driven by Playwright); the screenshot shows the page with the report it renders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from api.commands import keys_create  # noqa: E402
+from api.testing import live_server  # noqa: E402
+from indexer.settings import Settings  # noqa: E402
+
+
+def reposted(path: Path) -> bytes:
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    im = im.crop((w // 10, h // 10, w - w // 10, h - h // 10))
+    im = im.resize((round(im.width * 0.8), round(im.height * 0.8)), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=75)
+    return buf.getvalue()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--data-dir", type=Path, required=True, help="an ingested data dir (copied, not modified)"
+    )
+    ap.add_argument(
+        "--query", type=Path, required=True, help="an eval-set image (re-posted before the search)"
+    )
+    ap.add_argument("--clip-model", default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "report-screenshot.png")
+    ap.add_argument("--chromium", default="/usr/bin/chromium")
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory(prefix="sleuth-shot-") as tmp:
+        data = Path(tmp) / "data"
+        shutil.copytree(args.data_dir, data, ignore=shutil.ignore_patterns("write.lock", "*.migrate.lock"))
+        query = Path(tmp) / "suspect.jpg"
+        query.write_bytes(reposted(args.query))
+        token = keys_create("screenshot", ["search"], settings=Settings(data_dir=data))[1]
+        env = {"SLEUTH_DATA_DIR": str(data)} | (
+            {"SLEUTH_CLIP_MODEL": args.clip_model} if args.clip_model else {}
+        )
+        with (
+            live_server(env, log_path=Path(tmp) / "server.log", startup_timeout_s=300) as live,
+            sync_playwright() as pw,
+        ):
+            browser = pw.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1200, "height": 900})
+                page.goto(live.url + "/")
+                page.fill("#api-key", token)
+                page.click("#key-button")
+                page.set_input_files("#file", str(query))
+                page.click("#search-button")
+                page.wait_for_selector("#report-section:not([hidden])", timeout=300_000)
+                page.wait_for_timeout(500)  # the frame resizes to its content
+                summary = page.frame_locator("#report-frame").locator("#verdict-summary").inner_text()
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(args.out), full_page=True)
+            finally:
+                browser.close()
+    shot = Image.open(args.out).convert("RGB")  # 256 colours: a third of the bytes, still readable
+    shot.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(args.out, optimize=True)
+    print(f"wrote {args.out}: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
