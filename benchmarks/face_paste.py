@@ -203,9 +203,136 @@ def run_paste(
     }
 
 
+def run_search(
+    detector: FaceDetector, clip_model: str, n_faces: int, n_photos: int, seed: int, work: Path
+) -> dict[str, object]:
+    """The same test through the product: ingest (faces detected, aligned and embedded into the face index)
+    and :class:`search.query.Searcher` on each composite; rank 1 = the query face's best face match is the
+    source image's face."""
+    import csv
+    import shutil
+
+    from indexer.decode import decode_image
+    from indexer.embedders import load_embedder
+    from indexer.ingest import ingest
+    from indexer.settings import Settings
+    from search.query import Searcher, result_to_json
+
+    embedder = load_embedder(clip_model, batch_size=16)
+    rng = np.random.default_rng(seed)
+    sources: list[Path] = []
+    per_folder = {"tpdne_2022": n_faces // 2, "stylegan3_r_ffhq": n_faces // 4}
+    per_folder["boredhumans_basemax"] = n_faces - sum(per_folder.values())
+    for folder, count in per_folder.items():
+        sources += _images(DATA / "gan_face" / folder, count)
+    photos = _images(DATA / "generic_photo" / "bsds500", n_photos)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    manifest = work / "index.csv"
+    with manifest.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        writer.writerows([[str(p), "generated"] for p in sources] + [[str(p), "stock"] for p in photos])
+    settings = Settings(data_dir=work / "data", clip_model=clip_model)
+    t0 = time.perf_counter()
+    summary = ingest(
+        manifest, collection="faces", settings=settings, embedder=embedder, face_detector=detector
+    )
+    build_s = time.perf_counter() - t0
+    searcher = Searcher.open(settings, clip_model=embedder, face_detector=detector)
+    key_of: dict[str, str] = {}
+    with searcher.store.session() as s:
+        from sqlalchemy import func, select
+
+        from indexer.store.models import Face, Sighting
+        from indexer.store.models import Image as ImageRow
+
+        key_of = dict(s.execute(select(ImageRow.sha256, Sighting.source_key).join(Sighting)).all())
+        n_faces_indexed = int(s.execute(select(func.count(Face.id))).scalar() or 0)
+        sources_with_face = int(
+            s.execute(
+                select(func.count(func.distinct(Face.image_id))).join(Sighting, Sighting.image_id == Face.image_id)
+                .where(Sighting.source_key.in_([str(p) for p in sources]))
+            ).scalar() or 0
+        )  # fmt: skip
+    detected = rank1 = image_rank1 = 0
+    query_ms: list[float] = []
+    source_sims: list[float] = []
+    other_sims: list[float] = []
+    failures: list[str] = []
+    for path in sources:
+        photo = Image.open(photos[int(rng.integers(len(photos)))]).convert("RGB")
+        side = round(0.3 * photo.width)
+        face_img = Image.open(path).convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
+        x = int(rng.integers(0, photo.width - side + 1))
+        y = int(rng.integers(0, photo.height - side + 1))
+        composite = photo.copy()
+        composite.paste(face_img, (x, y))
+        buf = io.BytesIO()
+        composite.save(buf, format="JPEG", quality=90)
+        rect = (x, y, x + side, y + side)
+        t0 = time.perf_counter()
+        doc = result_to_json(searcher.search(decode_image(buf.getvalue()), k=10))
+        query_ms.append(1000 * (time.perf_counter() - t0))
+        inside = [f for f in doc["faces"] if _overlap(tuple(f["box"]), rect) > 0.5]  # type: ignore[arg-type]
+        if not inside:
+            failures.append(f"{path.parent.name}/{path.name}: face not detected in composite")
+            continue
+        detected += 1
+        matches = inside[0]["matches"]
+        ids = [m["image_id"] for m in matches]
+        with searcher.store.session() as s:
+            from sqlalchemy import select
+
+            from indexer.store.models import Image as ImageRow
+
+            sha_of = dict(s.execute(select(ImageRow.id, ImageRow.sha256).where(ImageRow.id.in_(ids))).all())
+        keys = [key_of.get(sha_of.get(m["image_id"], ""), "") for m in matches]
+        ok = bool(keys) and keys[0] == str(path)
+        rank1 += ok
+        for m, key in zip(matches, keys, strict=True):
+            (source_sims if key == str(path) else other_sims).append(float(m["similarity"]))
+        face_hits = [h for h in doc["hits"] if "face_similarity" in h["scores"]]
+        face_hits.sort(key=lambda h: -h["scores"]["face_similarity"])
+        image_rank1 += bool(face_hits) and face_hits[0]["sightings"][0]["source_key"] == str(path)
+        if not ok:
+            failures.append(f"{path.parent.name}/{path.name} -> {keys[:1]}")
+    searcher.close()
+    n = len(sources)
+    return {
+        "clip_model": clip_model,
+        "sources": n,
+        "stock_photos_indexed": len(photos),
+        "ingest": summary.line(),
+        "faces_indexed": n_faces_indexed,
+        "sources_with_an_indexed_face": sources_with_face,
+        "composite_face_detected_rate": detected / n,
+        "face_rank1_rate": rank1 / n,
+        "hit_with_best_face_similarity_is_source_rate": image_rank1 / n,
+        "source_face_similarity": {
+            "min": min(source_sims, default=None),
+            "median": statistics.median(source_sims) if source_sims else None,
+        },
+        "best_other_face_similarity_p99": float(np.quantile(other_sims, 0.99)) if other_sims else None,
+        "face_min_similarity_threshold": searcher_thresholds(),
+        "index_build_s": build_s,
+        "query_ms_median (whole Searcher.search)": statistics.median(query_ms),
+        "failures": failures,
+    }
+
+
+def searcher_thresholds() -> float:
+    from search.query import Thresholds
+
+    return Thresholds().face_min_similarity
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["detection", "paste"])
+    parser.add_argument("what", choices=["detection", "paste", "search"])
+    parser.add_argument("--photos", type=int, default=100, help="stock photos indexed (search)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/sleuth-bench/faces"))
     parser.add_argument("--models", type=Path, default=Path.home() / ".cache" / "sleuth-eval-models")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -222,6 +349,12 @@ def main() -> None:
     detector = FaceDetector.from_dir(args.models / "mtcnn", device=args.device)
     if args.what == "detection":
         report = run_detection(detector, args.n or 50)
+    elif args.what == "search":
+        clip = "onnx:" + str(args.models / "clip-vit-b16-openai-image.onnx")
+        report = run_search(detector, clip, args.n or 100, args.photos, args.seed, args.work)
+        out = ROOT / "bench-out"
+        out.mkdir(exist_ok=True)
+        (out / "face_paste_search.json").write_text(json.dumps(report, indent=1))
     else:
         clip = "onnx:" + str(args.models / "clip-vit-b16-openai-image.onnx")
         report = run_paste(detector, clip, args.n or 200, args.seed, args.size)

@@ -271,3 +271,32 @@ def test_clip_tier_reports_visually_similar_images_with_a_tiny_local_model(tmp_p
         assert 0.0 < strict["hits"][0]["score"] < 0.5
     finally:
         searcher.close()
+
+
+def test_faces_tier_matches_the_query_faces_against_the_face_index(tmp_path: Path) -> None:
+    """A tiny seeded MTCNN that calls fixed windows faces (tests/test_faces.py) and the tiny CLIP: the query's
+    faces are detected, aligned, embedded and searched, and the source image carries a face similarity."""
+    from indexer.embedders import load_embedder
+    from indexer.mtcnn import FaceDetector
+    from tests.test_faces import _save_nets
+    from tests.tiny_models import make_tiny_open_clip_dir
+
+    _save_nets(tmp_path / "mtcnn", confident=True)
+    detector = FaceDetector.from_dir(tmp_path / "mtcnn")
+    detector.thresholds = (0.0, 0.7, 0.7)
+    embedder = load_embedder(make_tiny_open_clip_dir(tmp_path / "clip"))
+    paths = write_textured_corpus(tmp_path / "corpus", 3, size=(160, 120))
+    settings = Settings(data_dir=tmp_path / "data")
+    ingest(tmp_path / "corpus", collection="c", settings=settings, embedder=embedder, face_detector=detector)
+    searcher = Searcher.open(settings, clip_model=embedder, face_detector=detector)
+    try:
+        query = _decoded(Image.open(paths[1]).convert("RGB"), "JPEG", quality=95)
+        doc = result_to_json(searcher.search(query, thresholds=candidate_thresholds()))
+        assert "faces" in doc["tiers"] and "faces" not in doc["skipped_tiers"]
+        assert doc["faces"] and all(len(f["box"]) == 4 for f in doc["faces"])
+        best = max((m for f in doc["faces"] for m in f["matches"]), key=lambda m: m["similarity"])
+        source = next(h for h in doc["hits"] if _source_key(h) == paths[1].name)
+        assert best["image_id"] == source["image_id"]
+        assert source["scores"]["face_similarity"] == pytest.approx(best["similarity"], abs=1e-3)
+    finally:
+        searcher.close()
