@@ -105,6 +105,31 @@ def _jpeg(image: Image.Image, quality: int = 90) -> Image.Image:
     return Image.open(buf).convert("RGB")
 
 
+def _face_sources(n_faces: int) -> list[Path]:
+    """Half tpdne, a quarter StyleGAN3, the rest boredhumans (first files of each folder, sorted)."""
+    sources: list[Path] = []
+    per_folder = {"tpdne_2022": n_faces // 2, "stylegan3_r_ffhq": n_faces // 4}
+    per_folder["boredhumans_basemax"] = n_faces - sum(per_folder.values())
+    for folder, count in per_folder.items():
+        sources += _images(DATA / "gan_face" / folder, count)
+    return sources
+
+
+def _composite(
+    face: Path, photos: list[Path], rng: np.random.Generator
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """The face image resized to 30 % of a random stock photo's width, pasted at a random place, JPEG q90;
+    with the pasted square (x0, y0, x1, y1)."""
+    photo = Image.open(photos[int(rng.integers(len(photos)))]).convert("RGB")
+    side = round(0.3 * photo.width)
+    face_img = Image.open(face).convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
+    x = int(rng.integers(0, photo.width - side + 1))
+    y = int(rng.integers(0, photo.height - side + 1))
+    composite = photo.copy()
+    composite.paste(face_img, (x, y))
+    return _jpeg(composite), (x, y, x + side, y + side)
+
+
 def _overlap(box: tuple[float, float, float, float], rect: tuple[int, int, int, int]) -> float:
     """Fraction of ``box`` inside ``rect``."""
     ix = max(0.0, min(box[2], rect[2]) - max(box[0], rect[0]))
@@ -122,11 +147,7 @@ def run_paste(
 
     embedder = load_embedder(clip_model, batch_size=16)
     rng = np.random.default_rng(seed)
-    sources: list[Path] = []
-    per_folder = {"tpdne_2022": n_faces // 2, "stylegan3_r_ffhq": n_faces // 4}
-    per_folder["boredhumans_basemax"] = n_faces - sum(per_folder.values())
-    for folder, count in per_folder.items():
-        sources += _images(DATA / "gan_face" / folder, count)
+    sources = _face_sources(n_faces)
     photos = _images(DATA / "generic_photo" / "bsds500", 250)
 
     # 1. Index: the aligned face of every source image, plus every face in the stock photos.
@@ -159,15 +180,7 @@ def run_paste(
     query_s: list[float] = []
     failures: list[str] = []
     for i, path in enumerate(sources):
-        photo = Image.open(photos[int(rng.integers(len(photos)))]).convert("RGB")
-        side = round(0.3 * photo.width)
-        face_img = Image.open(path).convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
-        x = int(rng.integers(0, photo.width - side + 1))
-        y = int(rng.integers(0, photo.height - side + 1))
-        composite = photo.copy()
-        composite.paste(face_img, (x, y))
-        composite = _jpeg(composite)
-        rect = (x, y, x + side, y + side)
+        composite, rect = _composite(path, photos, rng)
 
         t0 = time.perf_counter()
         described = describe_faces(composite, detector, size=size)
@@ -220,11 +233,7 @@ def run_search(
 
     embedder = load_embedder(clip_model, batch_size=16)
     rng = np.random.default_rng(seed)
-    sources: list[Path] = []
-    per_folder = {"tpdne_2022": n_faces // 2, "stylegan3_r_ffhq": n_faces // 4}
-    per_folder["boredhumans_basemax"] = n_faces - sum(per_folder.values())
-    for folder, count in per_folder.items():
-        sources += _images(DATA / "gan_face" / folder, count)
+    sources = _face_sources(n_faces)
     photos = _images(DATA / "generic_photo" / "bsds500", n_photos)
     if work.exists():
         shutil.rmtree(work)
@@ -262,16 +271,9 @@ def run_search(
     other_sims: list[float] = []
     failures: list[str] = []
     for path in sources:
-        photo = Image.open(photos[int(rng.integers(len(photos)))]).convert("RGB")
-        side = round(0.3 * photo.width)
-        face_img = Image.open(path).convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
-        x = int(rng.integers(0, photo.width - side + 1))
-        y = int(rng.integers(0, photo.height - side + 1))
-        composite = photo.copy()
-        composite.paste(face_img, (x, y))
+        composite, rect = _composite(path, photos, rng)
         buf = io.BytesIO()
-        composite.save(buf, format="JPEG", quality=90)
-        rect = (x, y, x + side, y + side)
+        composite.save(buf, format="JPEG", quality=95)  # already JPEG q90 once: a re-saved upload
         t0 = time.perf_counter()
         doc = result_to_json(searcher.search(decode_image(buf.getvalue()), k=10))
         query_ms.append(1000 * (time.perf_counter() - t0))
