@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,8 +38,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServe
     data_dir, roots = base / "data", base / "crawls"
     write_corpus(roots / "stock-2024", 30)
     settings = Settings(data_dir=data_dir)
+    created = subprocess.run(  # the real command line, as an operator would
+        [str(Path(sys.executable).with_name("sleuth")), "keys", "create", "analyst", "--scope", "search", "--json",
+         "--data-dir", str(data_dir)],
+        capture_output=True, text=True, check=True, env=os.environ | {"SLEUTH_ENVIRONMENT": "production"},
+    )  # fmt: skip
     keys = {
-        "search": keys_create("analyst", ["search"], settings=settings)[1],
+        "search": json.loads(created.stdout)["token"],
         "ingest": keys_create("crawler", ["ingest"], settings=settings)[1],
         "admin": keys_create("lead", ["admin"], settings=settings)[1],
     }
