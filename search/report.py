@@ -273,26 +273,33 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "?" if x is None else f"{x:.{digits}f}".rstrip("0").rstrip(".") if digits else str(x)
 
 
+def _nearest_latent(p: ProjectionOut) -> str:
+    if not p.latent_matches:
+        return ""
+    m = p.latent_matches[0]
+    what = f"image {m['image_id']}" if m.get("image_id") is not None else f"seed {m.get('seed')}"
+    cosine = f" (cosine {_fmt(m['cosine'])})" if isinstance(m.get("cosine"), int | float) else ""
+    return f"; the nearest stored latent is that of {what}{cosine}"
+
+
 def _face_reasons(faces: list[FaceOut]) -> tuple[list[str], list[str]]:
-    """(faces that reproject into a generator, faces that do not), as sentences."""
-    strong, weak = [], []
+    """(faces that reproject into a generator, the other projection results), as sentences."""
+    strong, other = [], []
     for face in faces:
         for p in face.projections:
-            if p.probability_generated is None and p.lpips is None:
+            if p.lpips is None and p.probability_generated is None:
                 continue
-            gen = p.generator or "a generator"
+            gen, n = p.generator or "a generator", face.index + 1
+            if p.probability_generated is None:  # not calibrated yet: the distance alone, no call either way
+                other.append(f"Face {n} projects into {gen} with LPIPS {_fmt(p.lpips)} "
+                             f"(the generator is not calibrated, so no p(generated)){_nearest_latent(p)}.")  # fmt: skip
+                continue
             stats = f"LPIPS {_fmt(p.lpips)}, p(generated)={_fmt(p.probability_generated, 2)}"
-            if p.probability_generated is not None and p.probability_generated >= GENERATED_P:
-                matched = [m for m in p.latent_matches if m.get("image_id") is not None]
-                latent = (
-                    f"; its latent is closest to known generated image {matched[0]['image_id']}"
-                    if matched
-                    else ""
-                )
-                strong.append(f"Face {face.index + 1} reprojects into {gen} with {stats}{latent}.")
+            if p.probability_generated >= GENERATED_P:
+                strong.append(f"Face {n} reprojects into {gen} with {stats}{_nearest_latent(p)}.")
             else:
-                weak.append(f"Face {face.index + 1} does not reproject well into {gen} ({stats}).")
-    return strong, weak
+                other.append(f"Face {n} does not reproject well into {gen} ({stats}).")
+    return strong, other
 
 
 def decide(hits: dict[str, list[HitOut]], faces: list[FaceOut]) -> Verdict:
@@ -304,7 +311,7 @@ def decide(hits: dict[str, list[HitOut]], faces: list[FaceOut]) -> Verdict:
             extra = f" (image {hit.image_id}, {len(hit.sightings)} sighting(s))"
             copies.append((kind, f"{words} {_known(hit)}{_where(hit)}{extra}."))
     copies.sort(key=lambda c: c[0] != "copy_of_generated")  # a known generated source is the stronger finding
-    reprojects, does_not = _face_reasons(faces)
+    reprojects, other_faces = _face_reasons(faces)
     similar = hits.get("similar", [])
     similar_reason = []
     if similar:
@@ -312,7 +319,7 @@ def decide(hits: dict[str, list[HitOut]], faces: list[FaceOut]) -> Verdict:
         sim = best.scores.get("clip_similarity", best.score)
         similar_reason.append(f"{len(similar)} visually similar image(s); the closest is image {best.image_id} "
                               f"(similarity {_fmt(sim)}){_where(best)}.")  # fmt: skip
-    reasons = [c[1] for c in copies] + reprojects + similar_reason + does_not
+    reasons = [c[1] for c in copies] + reprojects + similar_reason + other_faces
     if copies:
         kind, summary = copies[0]
     elif reprojects:
@@ -321,7 +328,7 @@ def decide(hits: dict[str, list[HitOut]], faces: list[FaceOut]) -> Verdict:
         kind, summary = "similar_only", "No copy found in the index. " + similar_reason[0]
     else:
         kind = "no_match"
-        summary = " ".join(["No match: nothing in the index resembles this image.", *does_not[:1]])
+        summary = " ".join(["No match: nothing in the index resembles this image.", *other_faces[:1]])
     if not reasons:
         reasons = ["No exact, near-duplicate or similar image was found in the index."]
     return Verdict(kind=kind, summary=summary, reasons=reasons)  # type: ignore[arg-type]

@@ -101,7 +101,7 @@ def test_near_duplicate_of_a_stock_photo_and_no_match() -> None:
 def test_face_that_reprojects_into_a_generator_is_the_verdict_when_no_copy_exists() -> None:
     projection = {
         "generator": "StyleGAN2-FFHQ", "lpips": 0.06, "probability_generated": 0.98, "steps": 120,
-        "latent_matches": [{"image_id": 11, "distance": 0.12}],
+        "latent_matches": [{"image_id": 11, "seed": 42, "cosine": 0.93, "distance": 0.12}],
         "reconstruction": png_uri((10, 200, 30)), "difference": png_uri((0, 0, 0)), "target": png_uri((9, 9, 9)),
     }  # fmt: skip
     real = {"generator": "StyleGAN2-FFHQ", "lpips": 0.41, "probability_generated": 0.03}
@@ -111,13 +111,20 @@ def test_face_that_reprojects_into_a_generator_is_the_verdict_when_no_copy_exist
     assert report.verdict.kind == "reprojects_into_generator"
     assert report.verdict.summary == (
         "Face 1 reprojects into StyleGAN2-FFHQ with LPIPS 0.06, p(generated)=0.98; "
-        "its latent is closest to known generated image 11."
+        "the nearest stored latent is that of image 11 (cosine 0.93)."
     )
     assert (
         "Face 2 does not reproject well into StyleGAN2-FFHQ (LPIPS 0.41, p(generated)=0.03)."
         in report.verdict.reasons
     )
     assert report.faces[0].projections[0].latent_matches[0]["image_id"] == 11
+    uncalibrated = {"generator": "DCGAN", "lpips": 0.2, "probability_generated": None,
+                    "latent_matches": [{"image_id": None, "seed": 7, "cosine": 0.5}]}  # fmt: skip
+    neutral = build_report(result_doc([], [{"projection": uncalibrated}]), report_id="r").verdict
+    assert neutral.kind == "no_match" and neutral.reasons == [
+        "Face 1 projects into DCGAN with LPIPS 0.2 (the generator is not calibrated, so no p(generated)); "
+        "the nearest stored latent is that of seed 7 (cosine 0.5)."
+    ]
     assert report.faces[1].projections[0].lpips == 0.41
 
 
@@ -177,7 +184,8 @@ def test_html_is_self_contained_escapes_sources_and_inlines_evidence(tmp_path: P
     Image.new("RGB", (4, 4), (255, 0, 0)).save(inside)
     hostile = "https://evil.example/<script>alert(1)</script>"
     projection = {"generator": "G", "lpips": 0.05, "probability_generated": 0.97,
-                  "reconstruction": str(inside), "difference": str(outside), "target": png_uri((1, 2, 3))}  # fmt: skip
+                  "reconstruction": str(inside), "difference": str(outside), "target": png_uri((1, 2, 3)),
+                  "latent_matches": [{"image_id": None, "seed": 7, "cosine": 0.9, "distance": 1.5}]}  # fmt: skip
     doc = result_doc(
         [hit(1, SHA_A, "exact", sightings=[sighting("2020-01-01", hostile)])],
         [{"projection": projection, "matches": [{"image_id": 1, "face_id": 2, "similarity": 0.97}]}],
@@ -193,4 +201,5 @@ def test_html_is_self_contained_escapes_sources_and_inlines_evidence(tmp_path: P
     assert 'alt="difference of face 1"' not in page  # a file outside the data directory is never read
     assert "Exact copy of a known image first seen 2020-01-01" in page
     assert "Matches indexed faces: image 1 (similarity 0.97)" in page
+    assert "<td> seed 7</td>" in page and "<td>0.9</td><td>1.5</td>" in page
     assert "IPTC yes" in page and "trainedAlgorithmicMedia" in page and code_version() in page
