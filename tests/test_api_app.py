@@ -419,3 +419,20 @@ def test_manifest_rows_and_symlinks_that_reach_outside_the_roots_are_refused(
         headers=api.h("ingest"),
     )
     assert r.status_code == 202 and api.wait_job(r.json()["job_url"], "ingest")["status"] == "done"
+
+
+def test_a_failed_refine_marks_the_report_failed_and_the_job_says_why(
+    indexed: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.engine import Engine
+    from indexer.errors import ModelUnavailableError
+
+    def broken(self: Engine, decoded: object, base: dict[str, object]) -> dict[str, object]:
+        raise ModelUnavailableError("no generator is registered (SLEUTH_GENERATORS)")
+
+    monkeypatch.setattr(Engine, "refine", broken)
+    body = indexed.search(jpeg(6), refine="true").json()
+    job = indexed.wait_job(body["job_url"], "search")
+    assert job["status"] == "failed" and "no generator is registered" in str(job["error"])
+    report = indexed.client.get(body["report_url"], headers=indexed.h("search")).json()
+    assert report["status"] == "failed" and report["hits"]["near_duplicate"]  # the copy tiers still stand
