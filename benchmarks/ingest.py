@@ -150,7 +150,8 @@ def main() -> None:
     parser.add_argument("--child", nargs=3, metavar=("VARIANT", "SOURCE", "DATA_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(*args.child, args.clip_model, args.limit)
+        variant, source, data_dir = args.child
+        _child(variant, source, data_dir, args.clip_model, args.limit)
         return
     results = {}
     with tempfile.TemporaryDirectory(prefix="sleuth-bench-") as tmp:

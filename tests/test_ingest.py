@@ -143,7 +143,7 @@ def test_webdataset_shard_is_ingested_with_its_json_metadata(settings: Settings,
     assert summary.new == 3
     store = open_store(settings)
     with store.session() as s:
-        urls = sorted(s.execute(select(Sighting.url)).scalars())
+        urls = sorted(u or "" for u in s.execute(select(Sighting.url)).scalars())
     assert urls == [f"https://cdn.example/{i}.jpg" for i in range(3)]
 
 
