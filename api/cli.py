@@ -253,3 +253,8 @@ from api.cli_server import keys_app, serve, worker  # noqa: E402
 app.command("serve")(serve)
 app.command("worker")(worker)
 app.add_typer(keys_app, name="keys")
+
+from api.cli_projection import generators_app, project  # noqa: E402
+
+app.add_typer(generators_app, name="generators")
+app.command("project")(project)

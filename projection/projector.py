@@ -61,6 +61,14 @@ class ProjectionConfig:
     seed: int = 0
     lpips_resolution: int = 256
     early_stop: bool = True
+    candidate_starts: int = 0  # > 0: also start from the best (pixel MSE) of this many random z samples
+    mean_start: bool = True  # False: skip the mean latent where other starts are given (one row per target)
+
+    @classmethod
+    def fast(cls, space: str = "w") -> ProjectionConfig:
+        """Sleuth's evidence setting (measured in benchmarks/projection.py): 100 steps with the MSE term and
+        early stopping, starting from the mean latent and from the best of 64 random samples."""
+        return cls(space=space, steps=100, candidate_starts=64)
 
     @classmethod
     def published(cls, space: str = "w") -> ProjectionConfig:
@@ -235,9 +243,11 @@ def resolve_space(generator: Generator, space: str) -> str:
 
 
 def _start_rows(
-    generator: Generator, space: str, batch: int, starts: list[torch.Tensor] | None
+    generator: Generator, space: str, batch: int, starts: list[torch.Tensor] | None, include_mean: bool = True
 ) -> tuple[torch.Tensor, list[int], list[int]]:
-    """Initial latents ``[n_rows, *shape]``, each row's target index, and each row's start index."""
+    """Initial latents ``[n_rows, *shape]``, each row's target index, and each row's start index.
+
+    ``include_mean=False`` skips the mean latent (start 0) for targets that have given starts."""
     shape = generator.latent_shape(space)
     mean = generator.mean_latent(space).detach().to("cpu", torch.float32).reshape(shape)
     if starts is not None and len(starts) != batch:
@@ -248,6 +258,8 @@ def _start_rows(
         if starts is not None and starts[b] is not None and starts[b].numel():
             given = starts[b].detach().to("cpu", torch.float32).reshape(-1, *shape)
         for s, latent in enumerate([mean, *given]):
+            if s == 0 and not include_mean and len(given):
+                continue
             rows.append(latent)
             target_of.append(b)
             start_of.append(s)
@@ -319,6 +331,8 @@ def project(
     started = time.perf_counter()
     generator.to(device)
     lpips_model.to(device)
+    if config.candidate_starts > 0:
+        starts = _with_best_candidates(generator, targets.to(device, torch.float32), space, config, starts)
     grad_flags = [p.requires_grad for p in generator.parameters()]
     generator.requires_grad_(False)
     try:
@@ -346,6 +360,35 @@ def project(
     return results
 
 
+def _with_best_candidates(
+    generator: Generator,
+    targets: torch.Tensor,
+    space: str,
+    config: ProjectionConfig,
+    starts: list[torch.Tensor] | None,
+    chunk: int = 256,
+) -> list[torch.Tensor]:
+    """``starts`` plus, per target, the latent of the ``config.candidate_starts`` random z samples (seeded by
+    ``config.seed``) whose image is nearest the target in pixel MSE: a forward-only search for a good basin."""
+    z = generator.sample_z(config.candidate_starts, seed=config.seed, device=targets.device)  # [K, *z_shape]
+    with torch.no_grad():
+        latents = z if space == "z" else generator.mapping(z)  # type: ignore[operator]
+        if space == "w+":
+            num_ws = int(getattr(generator, "num_ws"))  # noqa: B009 - StyleGAN-family only
+            latents = latents[:, None, :].expand(-1, num_ws, -1)  # [K, num_ws, w_dim]
+        errors = []
+        for lo in range(0, len(latents), chunk):
+            images = generator.synthesize(latents[lo : lo + chunk], space)  # [c, 3, R, R]
+            errors.append(torch.cdist(targets.flatten(1), images.flatten(1)))  # [B, c] (L2 = sqrt(MSE * D))
+        best = torch.cat(errors, dim=1).argmin(dim=1)  # [B]
+    out: list[torch.Tensor] = []
+    for b in range(targets.shape[0]):
+        given = starts[b] if starts is not None and starts[b] is not None else torch.empty(0)
+        given = given.detach().to("cpu", torch.float32).reshape(-1, *latents.shape[1:])
+        out.append(torch.cat([given, latents[best[b]].detach().cpu()[None]]))
+    return out
+
+
 def _optimise(
     generator: Generator,
     targets: torch.Tensor,
@@ -358,7 +401,7 @@ def _optimise(
     progress: Callable[[int, int], None] | None,
 ) -> tuple[torch.Tensor, _RowState, list[torch.Tensor], list[int], list[int]]:
     """The optimisation loop over all rows. Returns the best latents and noise maps per row and the row state."""
-    init, target_of, start_of = _start_rows(generator, space, targets.shape[0], starts)
+    init, target_of, start_of = _start_rows(generator, space, targets.shape[0], starts, config.mean_start)
     n_rows = init.shape[0]
     gens = _row_generators(config.seed, start_of)
     all_rows = list(range(n_rows))

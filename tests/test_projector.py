@@ -10,7 +10,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -30,21 +29,7 @@ from projection.projector import (  # noqa: E402
     project,
 )
 from projection.stylegan2 import StyleGAN2Generator  # noqa: E402
-from tests.tiny_generators import tiny_lpips_file  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small tensors: one intra-op thread is fastest and stays fast on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def lpips_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_lpips_file(tmp_path_factory.mktemp("lpips") / "lpips-vgg-random.safetensors")
+from tests.tiny_generators import lpips_file_fixture, one_torch_thread_fixture  # noqa: E402, F401
 
 
 @pytest.fixture(scope="module")

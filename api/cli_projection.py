@@ -1,0 +1,186 @@
+"""``sleuth generators add|list|convert|calibrate`` and ``sleuth project``: the projection verbs of the CLI.
+
+A thin typer layer over ``projection.registry``, ``projection.calibration`` and ``projection.evidence``;
+registered on the main app at the end of ``api/cli.py``. Library errors end the command through the same
+``handles_errors`` as every other verb (one clear line on stderr, exit 2).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from api.cli import DataDirOpt, JsonOpt, _print_json, _settings, err, handles_errors, out
+from indexer.errors import SourceError
+
+generators_app: typer.Typer = typer.Typer(
+    no_args_is_help=True, help="Register, list, convert and calibrate generator checkpoints."
+)
+
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="torch device (overrides SLEUTH_DEVICE): cpu, cuda, cuda:1")
+]
+StepsOpt = Annotated[
+    int | None, typer.Option("--steps", min=1, help="projection step budget (default: the fast setting)")
+]
+
+
+def _with_device(data_dir: Path | None, device: str | None) -> Any:
+    settings = _settings(data_dir)
+    if device is not None:
+        settings = settings.model_copy(update={"device": device})
+    return settings
+
+
+@generators_app.command("add")
+@handles_errors
+def generators_add(
+    name: Annotated[str, typer.Argument(help="name to register the generator under")],
+    path: Annotated[
+        Path, typer.Argument(help="checkpoint: NVlabs .pkl, rosinality .pt, DCGAN .pt, safetensors")
+    ],
+    family: Annotated[str, typer.Option("--family", help="stylegan2 or dcgan")],
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a checkpoint: read safely (no code runs), converted once to safetensors, SHA-256s recorded."""
+    from projection.registry import register_generator
+
+    info = register_generator(_settings(data_dir), name, path, family=family)
+    if as_json:
+        _print_json(info.to_json())
+    else:
+        out.print(
+            f"registered [bold]{info.name}[/] ({info.family}, {info.resolution}x{info.resolution}) -> "
+            f"{info.weights_path}\n  source sha256 {info.source_sha256}\n  weights sha256 {info.weights_sha256}"
+        )
+
+
+@generators_app.command("list")
+@handles_errors
+def generators_list(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
+    """The registered generators with their checksums and calibration sample sizes."""
+    from projection.registry import list_generators
+
+    infos = list_generators(_settings(data_dir))
+    if as_json:
+        _print_json({"generators": [i.to_json() for i in infos]})
+        return
+    if not infos:
+        out.print("no generators registered; add one with `sleuth generators add NAME PATH --family ...`")
+        return
+    table = Table("name", "family", "resolution", "weights sha256", "calibrated")
+    for i in infos:
+        sizes = i.to_json()["calibration_sizes"]
+        cal = f"{sizes['n_generated']} generated / {sizes['n_real']} real" if sizes else "no"
+        table.add_row(i.name, i.family, str(i.resolution), i.weights_sha256[:16], cal)
+    out.print(table)
+
+
+@generators_app.command("convert")
+@handles_errors
+def generators_convert(
+    src: Annotated[Path, typer.Argument(help="checkpoint to convert")],
+    dst: Annotated[Path, typer.Argument(help="safetensors file to write")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert any supported checkpoint to safetensors (no registration); prints both SHA-256s."""
+    from projection.checkpoints import convert_to_safetensors
+
+    src_sha, dst_sha = convert_to_safetensors(src, dst)
+    if as_json:
+        _print_json({"source": str(src), "source_sha256": src_sha, "path": str(dst), "sha256": dst_sha})
+    else:
+        out.print(f"{src} (sha256 {src_sha}) -> {dst} (sha256 {dst_sha})")
+
+
+@generators_app.command("calibrate")
+@handles_errors
+def generators_calibrate(
+    name: Annotated[str, typer.Argument(help="registered generator")],
+    real: Annotated[Path, typer.Option("--real", help="folder of real face photos")],
+    k: Annotated[int, typer.Option("--k", min=2, help="generated samples and real faces to project")] = 100,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the samples")] = 0,
+    steps: StepsOpt = None,
+    device: DeviceOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Project K perturbed generator samples and K real faces; store both LPIPS distributions and the fit."""
+    from projection.calibration import calibrate_generator
+
+    cal = calibrate_generator(_with_device(data_dir, device), name, real, k=k, seed=seed, steps=steps)
+    doc = cal.to_json()
+    if as_json:
+        _print_json({"generator": name, **{k_: doc[k_] for k_ in ("method", "n_generated", "n_real", "auc")}})
+        return
+    gen, rl = sorted(cal.generated_lpips), sorted(cal.real_lpips)
+    out.print(
+        f"calibrated [bold]{name}[/]: {cal.n_generated} generated (median LPIPS {gen[len(gen) // 2]:.4f}), "
+        f"{cal.n_real} real (median LPIPS {rl[len(rl) // 2]:.4f}); AUC on these samples {doc['auc']:.3f}"
+    )
+
+
+def _stem(index: int, path: Path, generator: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:60]
+    return f"{index:03d}-{safe}-{generator}"
+
+
+@handles_errors
+def project(
+    images: Annotated[list[Path], typer.Argument(help="image files, each holding a face")],
+    generator: Annotated[str, typer.Option("--generator", "-g", help="registered generator name")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="folder for the reconstruction and difference-map PNGs")
+    ] = Path("projection-out"),
+    steps: StepsOpt = None,
+    device: DeviceOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON document per image per line, in input order")
+    ] = False,
+) -> None:
+    """Project the face of each image into a generator (models load once) and print the evidence."""
+    from indexer.decode import decode_file
+    from projection.evidence import project_images
+
+    settings = _with_device(data_dir, device)
+    decoded = []
+    for path in images:
+        try:
+            decoded.append(decode_file(path, limits=settings.limits))
+        except OSError as exc:
+            raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    evidence = project_images(settings, [d.image for d in decoded], generator, steps=steps)
+    for i, (path, d, ev) in enumerate(zip(images, decoded, evidence, strict=True)):
+        doc = ev.to_json(images="files", image_dir=out_dir, stem=_stem(i, path, generator))
+        doc = {"image": str(path), "sha256": d.sha256, **doc}
+        if as_json:
+            _print_json(doc)
+            continue
+        prob = ev.probability_generated
+        verdict = (
+            "not calibrated (run `sleuth generators calibrate`)"
+            if prob is None
+            else f"p(generated by {generator}) = {prob:.3f} "
+            f"(calibrated on {ev.calibration_sizes and ev.calibration_sizes['n_generated']} generated / "
+            f"{ev.calibration_sizes and ev.calibration_sizes['n_real']} real)"
+        )
+        out.print(
+            f"[bold]{path}[/] -> {generator}: LPIPS {ev.lpips:.4f}, MSE {ev.mse:.5f}; {verdict}",
+            soft_wrap=True,
+        )
+        out.print(f"  face: {ev.face['how']}; {ev.steps} steps, {ev.seconds:.2f}s", soft_wrap=True)
+        for m in ev.latent_matches:
+            out.print(
+                f"  latent match: seed {m.seed} image {m.sha256 or '-'} cosine {m.cosine:.3f} "
+                f"distance {m.distance:.3f}",
+                soft_wrap=True,
+            )
+        out.print(f"  wrote {doc['reconstruction']} and {doc['difference']}", soft_wrap=True, highlight=False)
+    if not as_json:
+        err.print(f"{len(evidence)} image(s) projected into {generator}")

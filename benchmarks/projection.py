@@ -1,0 +1,244 @@
+"""Projection as forensic evidence, measured with the real DCGAN (dcgan-digiface-64.pt) and real LPIPS weights.
+
+1. N generated faces (random seeds, then JPEG q90 and a 0.8 resize round trip) against N real faces from
+   eval-v1 (UTKFace, aligned FFHQ-style to 64x64 with MTCNN): ROC AUC of the projection evidence (-LPIPS), and of
+   the calibrated probability (2-fold cross-fitted: each half scored by a calibration fitted on the other half).
+2. Latent match: the generating latents are stored (plus distractor latents of other seeds) in the latent index;
+   the projected latent of each generated face must find its seed among the top 5.
+3. Time per face: the fast projector (batched, several starts, early stopping, MSE term, AlexNet-LPIPS) on all
+   faces against the published settings (one image at a time, 1000 steps, VGG-LPIPS only) on a subset, in the
+   same process. The fast path's reconstructions are also scored with VGG-LPIPS so both AUCs use one metric.
+
+Run (CPU, from the repo root):
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/projection.py --n 200 --baseline-n 6
+Writes bench-out/projection.json and prints a table. Needs ~/.cache/sleuth-eval-models (see shared/models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from indexer.decode import decode_file  # noqa: E402
+from indexer.faces import load_face_detector  # noqa: E402
+from indexer.settings import Settings  # noqa: E402
+from indexer.store.db import open_store  # noqa: E402
+from projection.calibration import Calibration, generated_faces, roc_auc  # noqa: E402
+from projection.evidence import PreparedFace, prepare_face, project_faces, to_tensor  # noqa: E402
+from projection.latent_match import store_latents, sync_latent_index  # noqa: E402
+from projection.lpips_loader import load_lpips  # noqa: E402
+from projection.projector import ProjectionConfig, project  # noqa: E402
+from projection.registry import load_generator, register_generator  # noqa: E402
+
+MODELS = Path(os.environ.get("SLEUTH_EVAL_MODELS", Path.home() / ".cache" / "sleuth-eval-models"))
+EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval-v1"
+NAME = "dcgan-digiface-64"
+log = logging.getLogger("bench.projection")
+
+
+def real_faces(n: int, seed: int, detector: Any, resolution: int) -> tuple[list[PreparedFace], list[str]]:
+    """``n`` UTKFace photos (random sample) aligned with MTCNN; centre crop where no face is found."""
+    with open(EVAL / "manifest.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["class"] == "real_face" and "utkface" in r["file"]]
+    rows = sorted(random.Random(seed).sample(rows, n), key=lambda r: r["file"])
+    faces = [prepare_face(decode_file(EVAL / r["file"]).image, resolution, detector=detector) for r in rows]
+    return faces, [r["file"] for r in rows]
+
+
+def cross_fitted_probabilities(gen: list[float], real: list[float]) -> tuple[list[float], list[float]]:
+    """Each half of each class scored by a calibration fitted on the other half (no sample scores itself)."""
+    pg, pr = [0.0] * len(gen), [0.0] * len(real)
+    for fold in (0, 1):
+        fit = Calibration.fit(
+            [v for i, v in enumerate(gen) if i % 2 != fold], [v for i, v in enumerate(real) if i % 2 != fold]
+        )
+        for i, v in enumerate(gen):
+            if i % 2 == fold:
+                pg[i] = fit.probability(v)
+        for i, v in enumerate(real):
+            if i % 2 == fold:
+                pr[i] = fit.probability(v)
+    return pg, pr
+
+
+def vgg_lpips(model: torch.nn.Module, targets: list[PreparedFace], recon: list[Any]) -> list[float]:
+    with torch.no_grad():
+        return [
+            float(model(to_tensor([t.image]), to_tensor([r]))) for t, r in zip(targets, recon, strict=True)
+        ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200, help="generated faces and real faces (each)")
+    ap.add_argument(
+        "--baseline-n", type=int, default=6, help="faces (half generated) for the 1000-step baseline"
+    )
+    ap.add_argument("--baseline-steps", type=int, default=1000)
+    ap.add_argument("--distractors", type=int, default=9800, help="extra stored latents of other seeds")
+    ap.add_argument("--steps", type=int, default=100, help="fast projector: step budget")
+    ap.add_argument("--starts", type=int, default=0, help="fast projector: extra random starts")
+    ap.add_argument("--candidates", type=int, default=64, help="fast projector: best-of-K random z start")
+    ap.add_argument("--batch", type=int, default=50, help="fast projector: faces per batched run")
+    ap.add_argument("--no-mean-start", action="store_true", help="fast projector: skip the mean-latent row")
+    ap.add_argument("--fast-lpips", choices=("alex", "vgg"), default="alex")
+    ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument("--out", type=Path, default=Path("bench-out/projection.json"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    torch.set_num_threads(args.threads)
+
+    work = Path(tempfile.mkdtemp(prefix="sleuth-bench-proj-"))
+    fast_lpips_file = MODELS / (
+        "lpips-alex.safetensors" if args.fast_lpips == "alex" else "lpips-vgg16.safetensors"
+    )
+    settings = Settings(data_dir=work / "data", lpips_weights=fast_lpips_file, face_detector=MODELS / "mtcnn")
+    store = open_store(settings)
+    info = register_generator(settings, NAME, MODELS / "dcgan-digiface-64.pt", family="dcgan", store=store)
+    generator, _ = load_generator(settings, NAME, store=store)
+    res = generator.resolution
+    vgg = load_lpips(MODELS / "lpips-vgg16.safetensors", net="vgg")
+
+    # --- faces -------------------------------------------------------------------------------------------
+    rng = np.random.default_rng(args.seed)
+    seeds = [int(s) for s in rng.choice(2**31 - 1, size=args.n + args.distractors, replace=False)]
+    gen_seeds = seeds[: args.n]
+    gen_images = []
+    for s in gen_seeds:  # one latent per seed: z = randn from torch.Generator().manual_seed(seed)
+        gen_images += generated_faces(generator, 1, seed=s)
+    fake = [PreparedFace(im, "generated") for im in gen_images]
+    t0 = time.perf_counter()
+    real, real_files = real_faces(args.n, args.seed, load_face_detector(settings), res)
+    align_s = time.perf_counter() - t0
+    alignment = {how: sum(f.how == how for f in real) for how in {f.how for f in real}}
+    log.info("faces ready: %d generated, %d real (%s) in %.1fs", len(fake), len(real), alignment, align_s)
+
+    # --- stored latents: the generating ones plus distractors ------------------------------------------------
+    z_all = np.stack([generator.sample_z(1, seed=s)[0].flatten().cpu().numpy() for s in seeds])  # [n+d, nz]
+    store_latents(store, NAME, "z", z_all, seeds=seeds, origin="manifest")
+    index_size = sync_latent_index(settings, store, NAME, "z", z_all.shape[1])
+
+    # --- fast projector: every face, batched, several starts, early stopping ----------------------------------
+    faces = fake + real
+    start_rng = torch.Generator().manual_seed(args.seed)
+    starts = [
+        torch.randn((args.starts, *generator.latent_shape("z")), generator=start_rng).numpy() for _ in faces
+    ]
+    fast_cfg = ProjectionConfig(
+        space="z", steps=args.steps, candidate_starts=args.candidates, mean_start=not args.no_mean_start
+    )
+    t0 = time.perf_counter()
+    evidence = []
+    for lo in range(0, len(faces), args.batch):
+        evidence += project_faces(
+            settings, faces[lo : lo + args.batch], NAME, device="cpu", config=fast_cfg,
+            starts=starts[lo : lo + args.batch], store=store, match_k=5, batch_size=args.batch,
+        )  # fmt: skip
+        log.info("fast: %d/%d faces, %.1fs", len(evidence), len(faces), time.perf_counter() - t0)
+    fast_s = time.perf_counter() - t0
+    fast_lp = [e.lpips for e in evidence]
+    fast_vgg = vgg_lpips(vgg, faces, [e.reconstruction for e in evidence])
+    n = args.n
+    auc_fast = roc_auc([-v for v in fast_lp[:n]], [-v for v in fast_lp[n:]])
+    auc_fast_vgg = roc_auc([-v for v in fast_vgg[:n]], [-v for v in fast_vgg[n:]])
+    pg, pr = cross_fitted_probabilities(fast_lp[:n], fast_lp[n:])
+    auc_prob = roc_auc(pg, pr)
+    brier = (sum((1 - p) ** 2 for p in pg) + sum(p**2 for p in pr)) / (len(pg) + len(pr))
+    top5 = [
+        any(m.seed == s for m in e.latent_matches[:5]) for e, s in zip(evidence[:n], gen_seeds, strict=True)
+    ]
+    top1 = [
+        bool(e.latent_matches) and e.latent_matches[0].seed == s
+        for e, s in zip(evidence[:n], gen_seeds, strict=True)
+    ]
+    log.info("fast: %.1fs for %d faces, AUC %.4f (VGG %.4f)", fast_s, len(faces), auc_fast, auc_fast_vgg)
+    log.info("latent match top-1 %.3f top-5 %.3f of %d stored", np.mean(top1), np.mean(top5), index_size)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = {"fast_seconds_per_face": fast_s / len(faces), "auc_lpips": auc_fast, "auc_vgg": auc_fast_vgg,
+               "top5": float(np.mean(top5)), "lpips": fast_lp, "vgg_lpips": fast_vgg}  # fmt: skip
+    args.out.with_suffix(".partial.json").write_text(json.dumps(partial))
+
+    # --- published baseline: one image at a time, 1000 steps, VGG-LPIPS only ---------------------------------
+    half = args.baseline_n // 2
+    subset = list(range(half)) + list(range(n, n + args.baseline_n - half))
+    base_cfg = ProjectionConfig.published(space="z")
+    base_cfg.steps = args.baseline_steps
+    base_lp, base_seconds = [], 0.0
+    for i in subset:
+        t0 = time.perf_counter()
+        (r,) = project(generator, to_tensor([faces[i].image]), lpips_model=vgg, config=base_cfg)
+        base_seconds += time.perf_counter() - t0
+        base_lp.append(r.lpips)
+        log.info("baseline face %d: lpips %.4f, %.1fs", i, r.lpips, time.perf_counter() - t0)
+    sub_gen = [base_lp[j] for j in range(half)]
+    sub_real = base_lp[half:]
+    auc_base = roc_auc([-v for v in sub_gen], [-v for v in sub_real])
+    auc_fast_sub = roc_auc([-fast_vgg[i] for i in subset[:half]], [-fast_vgg[i] for i in subset[half:]])
+    per_face_fast = fast_s / len(faces)
+    per_face_base = base_seconds / len(subset)
+
+    doc = {
+        "generator": {"name": NAME, "weights_sha256": info.weights_sha256, "source_sha256": info.source_sha256},
+        "device": "cpu", "threads": args.threads, "torch": torch.__version__,
+        "faces": {"generated": n, "real": len(real), "real_alignment": alignment, "real_files_sample": real_files[:5],
+                  "perturbation": "JPEG q90 + 0.8 resize round trip"},
+        "fast": {
+            "config": fast_cfg.to_dict(), "extra_random_starts": args.starts, "batch": args.batch,
+            "lpips_net": args.fast_lpips, "seconds_total": fast_s, "seconds_per_face": per_face_fast,
+            "steps_mean": float(np.mean([e.steps for e in evidence])),
+            "start_index_counts": {str(k): sum(e.start_index == k for e in evidence) for k in range(args.starts + 2)},
+            "auc_lpips": auc_fast, "auc_vgg_lpips": auc_fast_vgg, "auc_probability_crossfit": auc_prob,
+            "brier_crossfit": brier,
+            "lpips_generated_median": float(np.median(fast_lp[:n])), "lpips_real_median": float(np.median(fast_lp[n:])),
+        },
+        "latent_match": {"stored_latents": index_size, "queries": n, "top1": float(np.mean(top1)),
+                         "top5": float(np.mean(top5))},
+        "baseline": {
+            "config": base_cfg.to_dict(), "lpips_net": "vgg", "faces": len(subset), "generated": half,
+            "seconds_total": base_seconds, "seconds_per_face": per_face_base, "auc_subset": auc_base,
+            "fast_auc_same_subset_vgg": auc_fast_sub, "lpips": base_lp,
+        },
+        "speedup_per_face": per_face_base / per_face_fast,
+        "gpu": "not measured (no GPU in this session)",
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2))
+    print(f"{'measure':<44} {'value':>12}")
+    rows = [
+        ("faces generated / real", f"{n} / {len(real)}"),
+        ("fast: AUC (-LPIPS, " + args.fast_lpips + ")", f"{auc_fast:.4f}"),
+        ("fast: AUC (-VGG-LPIPS of reconstruction)", f"{auc_fast_vgg:.4f}"),
+        ("fast: AUC (cross-fitted probability)", f"{auc_prob:.4f}"),
+        ("fast: Brier score (cross-fitted)", f"{brier:.4f}"),
+        ("latent match top-1 / top-5", f"{np.mean(top1):.3f} / {np.mean(top5):.3f}"),
+        ("stored latents in the index", f"{index_size}"),
+        ("fast: seconds per face", f"{per_face_fast:.3f}"),
+        ("fast: mean steps", f"{doc['fast']['steps_mean']:.1f}"),
+        (f"baseline ({len(subset)} faces): seconds per face", f"{per_face_base:.2f}"),
+        ("baseline: AUC on its subset", f"{auc_base:.4f}"),
+        ("fast: AUC on the same subset (VGG)", f"{auc_fast_sub:.4f}"),
+        ("speed-up per face", f"{per_face_base / per_face_fast:.1f}x"),
+    ]
+    for k, v in rows:
+        print(f"{k:<44} {v:>12}")
+    print(f"written {args.out}")
+    store.dispose()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Projection evidence for the rest of Sleuth: faces in, latent-space verdict out.
+
+``project_images`` takes images (each holding a face), aligns the face FFHQ-style to the generator's resolution
+(MTCNN when a detector is given or configured; an image that is already a square crop of that size is used as
+it is), projects all faces of the call in batched runs into one registered generator and returns one
+``Evidence`` per image: latent, reconstruction, difference map, LPIPS, calibrated p(generated) (``None`` before
+``sleuth generators calibrate``), nearest stored latents, steps, seconds and the loss trace.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from indexer.errors import ModelUnavailableError
+from indexer.settings import Settings
+from indexer.store.db import Store, open_store
+from projection.calibration import Calibration
+from projection.latent_match import LatentMatch, LatentMatcher
+from projection.lpips_loader import load_lpips
+from projection.projector import ProjectionConfig, ProjectionResult, project
+from projection.registry import GeneratorInfo, load_generator
+
+logger = logging.getLogger(__name__)
+
+DIFFERENCE_GAIN = 4.0  # the difference map shows |target - reconstruction| * gain (clipped)
+
+
+@dataclass
+class PreparedFace:
+    """A face at the generator's resolution and how it was obtained."""
+
+    image: Image.Image
+    how: str  # "mtcnn-ffhq", "as-is" or "centre-crop"
+    box: tuple[float, float, float, float] | None = None
+    score: float | None = None
+
+
+@dataclass
+class Evidence:
+    """What projecting one face into one generator showed."""
+
+    generator: str
+    family: str
+    space: str
+    latent: np.ndarray  # latent_shape(space), float32
+    target: Image.Image  # the face as projected (generator resolution)
+    reconstruction: Image.Image
+    difference: Image.Image
+    lpips: float
+    mse: float
+    probability_generated: float | None
+    calibration_sizes: dict[str, int] | None
+    latent_matches: list[LatentMatch]
+    steps: int
+    seconds: float
+    loss_trace: list[float]
+    start_index: int = 0
+    face: dict[str, Any] = field(default_factory=dict)  # how the face was prepared (and its box)
+
+    def to_json(
+        self, *, images: str = "none", image_dir: Path | None = None, stem: str = "face"
+    ) -> dict[str, Any]:
+        """JSON document. ``images``: ``"none"``, ``"data-uri"`` (base64 PNGs inline) or ``"files"`` (PNGs
+        written under ``image_dir`` as ``STEM-reconstruction.png`` / ``STEM-difference.png``, paths returned)."""
+        doc: dict[str, Any] = {
+            "generator": self.generator,
+            "family": self.family,
+            "space": self.space,
+            "lpips": self.lpips,
+            "mse": self.mse,
+            "probability_generated": self.probability_generated,
+            "calibration_sizes": self.calibration_sizes,
+            "latent_matches": [m.to_json() for m in self.latent_matches],
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "start_index": self.start_index,
+            "face": self.face,
+            "loss_trace": self.loss_trace,
+        }
+        if images == "data-uri":
+            doc["reconstruction"] = png_data_uri(self.reconstruction)
+            doc["difference"] = png_data_uri(self.difference)
+        elif images == "files":
+            if image_dir is None:
+                raise ValueError("images='files' needs image_dir")
+            image_dir.mkdir(parents=True, exist_ok=True)
+            for kind, img in (("reconstruction", self.reconstruction), ("difference", self.difference)):
+                path = image_dir / f"{stem}-{kind}.png"
+                img.save(path, format="PNG")
+                doc[kind] = str(path)
+        elif images != "none":
+            raise ValueError(f"images must be none, data-uri or files, got {images!r}")
+        return doc
+
+
+def png_data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# --- images <-> tensors ----------------------------------------------------------------------------------
+def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL RGB images of one size -> ``[N, 3, H, W]`` float32 in [-1, 1]."""
+    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]  # each [H, W, 3]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def to_image(tensor: torch.Tensor) -> Image.Image:
+    """``[3, H, W]`` in [-1, 1] -> PIL RGB (rounded, clipped)."""
+    arr = ((tensor.detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(arr.permute(1, 2, 0).numpy(), mode="RGB")
+
+
+def difference_map(target: torch.Tensor, reconstruction: torch.Tensor) -> Image.Image:
+    """Grey-level ``|target - reconstruction|`` (mean over channels, x ``DIFFERENCE_GAIN``) as RGB."""
+    diff = (target.detach().cpu() - reconstruction.detach().cpu()).abs().mean(dim=0) / 2  # [H, W] in [0, 1]
+    arr = (diff * DIFFERENCE_GAIN).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    return Image.fromarray(arr, mode="L").convert("RGB")
+
+
+# --- faces ---------------------------------------------------------------------------------------------
+def prepare_face(image: Image.Image, resolution: int, *, detector: Any | None = None) -> PreparedFace:
+    """The face of ``image`` at ``resolution``: as-is when already that size, else the best MTCNN face aligned
+    FFHQ-style (with a detector), else the centre square resized (no detector, or no face found)."""
+    image = image.convert("RGB")
+    if image.size == (resolution, resolution):
+        return PreparedFace(image, "as-is")
+    if detector is not None:
+        from indexer.faces import describe_faces
+
+        found = describe_faces(image, detector, size=resolution, max_faces=1)
+        if found:
+            face, crop = found[0]
+            return PreparedFace(crop, "mtcnn-ffhq", tuple(face.box), float(face.score))  # type: ignore[arg-type]
+        logger.info("no face found; projecting the centre square of the image")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    square = image.crop((left, top, left + side, top + side))
+    return PreparedFace(square.resize((resolution, resolution), Image.Resampling.LANCZOS), "centre-crop")
+
+
+# --- models loaded once per process ----------------------------------------------------------------------
+_LPIPS: dict[tuple[str, str, str], torch.nn.Module] = {}
+_LPIPS_LOCK = threading.Lock()
+
+
+def lpips_for(settings: Settings, *, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The LPIPS model of ``settings.lpips_weights`` (VGG unless the file name says alex), loaded once."""
+    weights = settings.lpips_weights
+    net = "alex" if weights is not None and "alex" in Path(weights).name.lower() else "vgg"
+    key = (str(weights), net, str(torch.device(device)))
+    with _LPIPS_LOCK:
+        if key not in _LPIPS:
+            _LPIPS[key] = load_lpips(weights, net=net, device=device)
+        return _LPIPS[key]
+
+
+def calibration_of(info: GeneratorInfo) -> Calibration | None:
+    if not info.calibration:
+        return None
+    try:
+        return Calibration.from_json(info.calibration)
+    except ValueError as exc:
+        raise ModelUnavailableError(
+            f"generator {info.name!r}: stored calibration is unreadable: {exc}"
+        ) from exc
+
+
+# --- projection --------------------------------------------------------------------------------------------
+def project_faces(
+    settings: Settings,
+    faces: Sequence[PreparedFace],
+    generator_name: str,
+    *,
+    device: str | torch.device | None = None,
+    config: ProjectionConfig | None = None,
+    starts: Sequence[np.ndarray | None] | None = None,
+    store: Store | None = None,
+    match_k: int = 5,
+    batch_size: int = 32,
+) -> list[Evidence]:
+    """Project prepared faces (at the generator's resolution) into ``generator_name``; one ``Evidence`` each.
+
+    ``starts[i]``: extra start latents ``[S, *latent_shape]`` for face ``i`` (the mean latent is always tried).
+    """
+    device = device or settings.device
+    own_store = store is None
+    st = store or open_store(settings)
+    try:
+        generator, info = load_generator(settings, generator_name, device=device, store=st)
+        config = config or ProjectionConfig.fast(info.latent_space)
+        lpips_model = lpips_for(settings, device=device)
+        calibration = calibration_of(info)
+        res = generator.resolution
+        for f in faces:
+            if f.image.size != (res, res):
+                raise ValueError(f"faces must be {res}x{res} (use prepare_face), got {f.image.size}")
+        results: list[ProjectionResult] = []
+        for lo in range(0, len(faces), batch_size):
+            chunk = faces[lo : lo + batch_size]
+            chunk_starts = None
+            if starts is not None:
+                chunk_starts = [
+                    torch.empty(0) if s is None else torch.as_tensor(np.asarray(s, dtype=np.float32))
+                    for s in starts[lo : lo + batch_size]
+                ]
+            results += project(
+                generator, to_tensor([f.image for f in chunk]), lpips_model=lpips_model, config=config,
+                starts=chunk_starts, device=device,
+            )  # fmt: skip
+        matcher = LatentMatcher.open(settings, st, generator_name, results[0].space if results else "z")
+        matches = matcher.match(np.stack([r.latent.numpy() for r in results]), k=match_k) if results else []
+    finally:
+        if own_store:
+            st.dispose()
+    sizes = {"n_generated": calibration.n_generated, "n_real": calibration.n_real} if calibration else None
+    out = []
+    for face, r, m in zip(faces, results, matches, strict=True):
+        target = to_tensor([face.image])[0]
+        out.append(
+            Evidence(
+                generator=generator_name,
+                family=info.family,
+                space=r.space,
+                latent=r.latent.numpy().astype(np.float32),
+                target=face.image,
+                reconstruction=to_image(r.reconstruction),
+                difference=difference_map(target, r.reconstruction),
+                lpips=r.lpips,
+                mse=r.mse,
+                probability_generated=calibration.probability(r.lpips) if calibration else None,
+                calibration_sizes=sizes,
+                latent_matches=m,
+                steps=r.steps,
+                seconds=r.seconds,
+                loss_trace=r.loss_trace,
+                start_index=r.start_index,
+                face={"how": face.how, "box": face.box, "score": face.score},
+            )
+        )
+    return out
+
+
+def project_images(
+    settings: Settings,
+    images: Sequence[Image.Image],
+    generator_name: str,
+    *,
+    device: str | torch.device | None = None,
+    steps: int | None = None,
+    config: ProjectionConfig | None = None,
+    detector: Any | None = None,
+    store: Store | None = None,
+    match_k: int = 5,
+) -> list[Evidence]:
+    """One ``Evidence`` per image, in input order: its face (see ``prepare_face``) projected into the generator.
+
+    ``detector``: an MTCNN ``FaceDetector``; ``None`` loads the configured one (``SLEUTH_FACE_DETECTOR``) if any.
+    ``steps`` overrides the configured number of projection steps.
+    """
+    own_store = store is None
+    st = store or open_store(settings)
+    try:
+        generator, info = load_generator(settings, generator_name, device=device or settings.device, store=st)
+        if detector is None and settings.face_detector is not None:
+            from indexer.faces import load_face_detector
+
+            detector = load_face_detector(settings)
+        faces = [prepare_face(im, generator.resolution, detector=detector) for im in images]
+        if steps is not None:
+            config = config or ProjectionConfig.fast(info.latent_space)
+            config.steps = steps
+        return project_faces(
+            settings, faces, generator_name, device=device, config=config, store=st, match_k=match_k
+        )
+    finally:
+        if own_store:
+            st.dispose()

@@ -1,0 +1,248 @@
+"""Generator registry, calibration, latent match and projection evidence, with a tiny seeded DCGAN / StyleGAN2."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import base64  # noqa: E402
+import io  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from indexer.errors import ModelUnavailableError, SleuthError  # noqa: E402
+from indexer.settings import Settings  # noqa: E402
+from indexer.store.db import open_store  # noqa: E402
+from projection.calibration import Calibration, calibrate_generator, perturb, roc_auc  # noqa: E402
+from projection.checkpoints import save_safetensors, sha256_file  # noqa: E402
+from projection.dcgan import DCGANGenerator  # noqa: E402
+from projection.evidence import prepare_face, project_images, to_image  # noqa: E402
+from projection.latent_match import LatentMatcher, store_latents, sync_latent_index  # noqa: E402
+from projection.registry import (  # noqa: E402
+    GeneratorExistsError,
+    GeneratorNotFoundError,
+    get_generator,
+    list_generators,
+    load_generator,
+    register_generator,
+    set_calibration,
+)
+from projection.stylegan2 import StyleGAN2Generator  # noqa: E402
+from tests.tiny_generators import (  # noqa: E402, F401
+    lpips_file_fixture,
+    one_torch_thread_fixture,
+    tiny_dcgan_checkpoint,
+)
+
+
+@pytest.fixture
+def proj_settings(tmp_path: Path, lpips_file: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", lpips_weights=lpips_file)
+
+
+def _generated(gen: DCGANGenerator, seeds: list[int]) -> list[Image.Image]:
+    with torch.no_grad():
+        return [to_image(gen.synthesize(gen.sample_z(1, seed=s), "z")[0]) for s in seeds]
+
+
+# --- registry ------------------------------------------------------------------------------------------------
+def test_register_converts_once_records_both_sha256s_and_loads_by_name(proj_settings: Settings) -> None:
+    ckpt = tiny_dcgan_checkpoint(proj_settings.data_dir.parent / "netG.pt")
+    info = register_generator(proj_settings, "tiny-dcgan", ckpt, family="dcgan")
+    weights = proj_settings.data_dir / "generators" / "tiny-dcgan.safetensors"
+    assert Path(info.weights_path) == weights.resolve()
+    assert info.weights_sha256 == sha256_file(weights) and info.source_sha256 == sha256_file(ckpt)
+    assert (info.family, info.resolution, info.latent_space) == ("dcgan", 16, "z")
+    assert [g.name for g in list_generators(proj_settings)] == ["tiny-dcgan"]
+    # the same file again is a no-op; another file under the same name is refused
+    assert (
+        register_generator(proj_settings, "tiny-dcgan", ckpt, family="dcgan").weights_sha256
+        == info.weights_sha256
+    )
+    other = tiny_dcgan_checkpoint(proj_settings.data_dir.parent / "other.pt", seed=9)
+    with pytest.raises(GeneratorExistsError, match="already registered"):
+        register_generator(proj_settings, "tiny-dcgan", other, family="dcgan")
+    loaded, _ = load_generator(proj_settings, "tiny-dcgan")
+    original = DCGANGenerator.from_preset("tiny", seed=1)
+    z = original.sample_z(2, seed=4)
+    with torch.no_grad():
+        assert torch.equal(loaded.synthesize(z, "z"), original.synthesize(z))
+
+
+def test_registry_refuses_unknown_names_bad_names_wrong_families_and_changed_files(
+    proj_settings: Settings,
+) -> None:
+    ckpt = tiny_dcgan_checkpoint(proj_settings.data_dir.parent / "netG.pt")
+    with pytest.raises(GeneratorNotFoundError, match="no generator named 'nope'"):
+        get_generator(proj_settings, "nope")
+    with pytest.raises(SleuthError, match="invalid generator name"):
+        register_generator(proj_settings, "../evil", ckpt, family="dcgan")
+    with pytest.raises(ModelUnavailableError, match="not 'stylegan2'"):
+        register_generator(proj_settings, "g", ckpt, family="stylegan2")
+    info = register_generator(proj_settings, "g2", ckpt, family="dcgan")
+    Path(info.weights_path).write_bytes(Path(info.weights_path).read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ModelUnavailableError, match="changed after registration"):
+        load_generator(proj_settings, "g2", device="cpu")
+
+
+def test_stylegan2_registers_with_w_as_its_projection_space(proj_settings: Settings, tmp_path: Path) -> None:
+    src = tmp_path / "sg2.safetensors"
+    save_safetensors(StyleGAN2Generator.from_preset("tiny", seed=3), src)
+    info = register_generator(proj_settings, "tiny-sg2", src, family="stylegan2")
+    assert (info.family, info.resolution, info.latent_space) == ("stylegan2", 16, "w")
+    assert info.config["architecture"]["w_dim"] == 32
+
+
+# --- calibration ---------------------------------------------------------------------------------------------
+def test_roc_auc_counts_ties_half() -> None:
+    assert roc_auc([3, 4], [1, 2]) == 1.0
+    assert roc_auc([1, 2], [3, 4]) == 0.0
+    assert roc_auc([1, 1], [1, 1]) == 0.5
+    assert roc_auc([2, 0], [1]) == 0.5
+
+
+def test_calibration_maps_lpips_to_a_monotone_smoothed_probability() -> None:
+    rng = np.random.default_rng(0)
+    gen = list(rng.normal(0.05, 0.01, 60))
+    real = list(rng.normal(0.30, 0.05, 40))
+    cal = Calibration.fit(gen, real)
+    assert (cal.n_generated, cal.n_real) == (60, 40)
+    assert cal.probability(0.04) > 0.95 and cal.probability(0.4) < 0.05
+    grid = [cal.probability(x) for x in np.linspace(0, 0.6, 61)]
+    assert all(a >= b - 1e-12 for a, b in zip(grid, grid[1:], strict=False))
+    assert min(grid) > 0.0 and max(grid) < 1.0  # finite samples never give certainty
+    again = Calibration.from_json(cal.to_json())
+    assert again.probability(0.17) == cal.probability(0.17)
+    assert cal.to_json()["auc"] == 1.0
+    mixed = Calibration.fit(list(rng.uniform(0, 1, 200)), list(rng.uniform(0, 1, 200)))
+    assert 0.3 < mixed.probability(0.5) < 0.7  # indistinguishable classes: about even
+
+
+def test_perturbation_keeps_the_size_and_changes_the_pixels_a_little() -> None:
+    img = to_image(torch.rand(3, 32, 32) * 2 - 1)
+    out = perturb(img)
+    assert out.size == (32, 32)
+    diff = np.abs(np.asarray(out, dtype=float) - np.asarray(img, dtype=float)).mean()
+    assert 1.0 < diff < 100.0
+
+
+def test_calibrate_generator_stores_both_distributions_on_the_registry(
+    proj_settings: Settings, tmp_path: Path
+) -> None:
+    register_generator(proj_settings, "tiny", tiny_dcgan_checkpoint(tmp_path / "g.pt"), family="dcgan")
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):  # smooth colour fields: faces this generator cannot make
+        small = Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8))
+        small.resize((40, 40), Image.Resampling.BILINEAR).save(real_dir / f"r{i}.png")
+    cal = calibrate_generator(proj_settings, "tiny", real_dir, k=3, steps=40)
+    assert (cal.n_generated, cal.n_real) == (3, 3)
+    stored = get_generator(proj_settings, "tiny").calibration
+    assert stored is not None and stored["n_generated"] == 3 and stored["n_real"] == 3
+    assert stored["settings"]["real_alignment"] == ["centre-crop"]
+    assert max(cal.generated_lpips) < min(cal.real_lpips)
+
+
+# --- latent match ------------------------------------------------------------------------------------------
+def test_latent_match_finds_the_stored_seed_by_direction(proj_settings: Settings) -> None:
+    store = open_store(proj_settings)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((200, 16)).astype(np.float32)
+    ids = store_latents(store, "g", "z", vectors, seeds=list(range(1000, 1200)))
+    assert len(ids) == 200
+    assert sync_latent_index(proj_settings, store, "g", "z", 16) == 200
+    matcher = LatentMatcher.open(proj_settings, store, "g", "z")
+    query = np.stack([vectors[7] * 0.5 + 0.05 * rng.standard_normal(16), vectors[150]]).astype(np.float32)
+    found = matcher.match(query, k=3)
+    assert [m[0].seed for m in found] == [1007, 1150]
+    assert found[0][0].cosine > 0.95 and found[0][0].cosine >= found[0][1].cosine
+    assert found[1][0].distance == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(ValueError, match="16-dim"):
+        matcher.match(np.zeros((1, 8), np.float32))
+    assert LatentMatcher.open(proj_settings, store, "other", "z").match(query, k=3) == [[], []]
+    store.dispose()
+
+
+# --- evidence ------------------------------------------------------------------------------------------------
+def test_project_images_gives_evidence_in_input_order_with_matches_and_probability(
+    proj_settings: Settings, tmp_path: Path
+) -> None:
+    register_generator(proj_settings, "tiny", tiny_dcgan_checkpoint(tmp_path / "g.pt"), family="dcgan")
+    gen, _ = load_generator(proj_settings, "tiny")
+    assert isinstance(gen, DCGANGenerator)
+    store = open_store(proj_settings)
+    seeds = list(range(40))
+    z = np.stack([gen.sample_z(1, seed=s)[0].flatten().numpy() for s in seeds])
+    store_latents(store, "tiny", "z", z, seeds=seeds)
+    sync_latent_index(proj_settings, store, "tiny", "z", 16)
+    made = _generated(gen, [5])[0]
+    foreign = Image.fromarray(np.random.default_rng(2).integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    evidence = project_images(proj_settings, [made, foreign], "tiny", steps=120, store=store)
+    first, second = evidence
+    assert first.face["how"] == "as-is" and second.face["how"] == "centre-crop"
+    assert first.lpips < 0.01 < second.lpips
+    assert first.probability_generated is None and first.calibration_sizes is None
+    assert first.latent_matches[0].seed == 5
+    assert first.reconstruction.size == (16, 16) and first.difference.size == (16, 16)
+    assert first.steps > 0 and first.seconds > 0 and len(first.loss_trace) == first.steps
+    cal = Calibration.fit([0.001, 0.002, 0.003], [0.2, 0.3, 0.4])
+    set_calibration(proj_settings, "tiny", cal.to_json(), store=store)
+    again = project_images(proj_settings, [made], "tiny", steps=120, store=store)[0]
+    assert again.probability_generated is not None and again.probability_generated > 0.5
+    assert again.calibration_sizes == {"n_generated": 3, "n_real": 3}
+    doc = again.to_json(images="data-uri")
+    png = base64.b64decode(doc["reconstruction"].split(",", 1)[1])
+    assert Image.open(io.BytesIO(png)).size == (16, 16)
+    files = again.to_json(images="files", image_dir=tmp_path / "out", stem="x")
+    assert Path(files["difference"]).is_file() and files["latent_matches"][0]["seed"] == 5
+    store.dispose()
+
+
+def test_prepare_face_keeps_aligned_crops_and_centre_crops_others() -> None:
+    crop = Image.new("RGB", (64, 64), (10, 20, 30))
+    kept = prepare_face(crop, 64)
+    assert kept.how == "as-is" and kept.image.tobytes() == crop.tobytes()
+    wide = Image.new("RGB", (120, 60), (200, 0, 0))
+    face = prepare_face(wide, 64)
+    assert face.how == "centre-crop" and face.image.size == (64, 64)
+
+
+# --- the refine tier -----------------------------------------------------------------------------------------
+def _decoded(image: Image.Image) -> object:
+    from indexer.decode import decode_image
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return decode_image(buf.getvalue())
+
+
+def test_refine_adds_projection_evidence_per_face_and_generator(
+    proj_settings: Settings, tmp_path: Path
+) -> None:
+    from search.refine import refine_json
+
+    store = open_store(proj_settings)
+    made = _generated(DCGANGenerator.from_preset("tiny", seed=1), [8])[0]
+    base = {"hits": [], "faces": [], "tiers": ["exact"]}
+    none = refine_json(proj_settings, _decoded(made), base, store=store)  # type: ignore[arg-type]
+    assert none["refine"]["status"] == "unavailable" and "no generator" in none["refine"]["reason"]
+    register_generator(
+        proj_settings, "tiny", tiny_dcgan_checkpoint(tmp_path / "g.pt"), family="dcgan", store=store
+    )
+    out = refine_json(proj_settings, _decoded(made), base, store=store)  # type: ignore[arg-type]
+    assert out["refine"]["status"] == "done" and out["refine"]["face_source"] == "whole-image"
+    assert out["tiers"] == ["exact"] and base["faces"] == []  # the base document is not modified
+    (face,) = out["faces"]
+    (proj,) = face["projection"]
+    assert proj["generator"] == "tiny" and proj["lpips"] < 0.01 and proj["probability_generated"] is None
+    assert proj["reconstruction"].startswith("data:image/png;base64,") and proj["target"].startswith("data:")
+    wide = Image.new("RGB", (40, 20), (90, 90, 90))
+    skipped = refine_json(proj_settings, _decoded(wide), base, store=store)  # type: ignore[arg-type]
+    assert skipped["refine"]["status"] == "no_face" and "not square" in skipped["refine"]["reason"]
+    store.dispose()
