@@ -8,7 +8,6 @@ this process or in another worker), the saved indexes change; ``maybe_reload`` n
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import logging
 import threading
 import time
@@ -22,13 +21,6 @@ from indexer.store.db import Store, open_store
 from search.query import Searcher, result_to_json
 
 log = logging.getLogger(__name__)
-
-
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def load_embedder(settings: Settings) -> Any:
@@ -106,18 +98,9 @@ class Engine:
 
     def refine(self, decoded: DecodedImage, base: dict[str, object]) -> dict[str, object]:
         """Projection evidence for the faces of ``decoded`` (the refine tier), merged into ``base``."""
-        if _has_module("search.refine"):
-            refine_mod = importlib.import_module("search.refine")  # written by the projection work
-            fn = getattr(refine_mod, "refine_json", None)
-            if fn is not None:
-                return dict(fn(self.settings, decoded, base, store=self.store))
-        out = dict(base)
-        out["refine"] = {
-            "status": "unavailable",
-            "reason": "no projection tier is installed in this server (search.refine); copy and similarity "
-            "tiers above are complete",
-        }
-        return out
+        from search.refine import refine_json  # torch and the generators load with the first refine job
+
+        return dict(refine_json(self.settings, decoded, base, store=self.store))
 
     def close(self) -> None:
         self.store.dispose()
