@@ -26,6 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def _dir_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (0 when absent)."""
+    if path.is_file():
+        return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
