@@ -49,6 +49,10 @@ def main() -> int:
     ap.add_argument("--clip-model", default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "report-screenshot.png")
     ap.add_argument("--chromium", default="/usr/bin/chromium")
+    ap.add_argument("--generator", default=None, help="NAME:FAMILY:PATH registered (in the copy) for refine")
+    ap.add_argument(
+        "--lpips-weights", default=None, help="LPIPS safetensors (SLEUTH_LPIPS_WEIGHTS) for refine"
+    )
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -57,10 +61,17 @@ def main() -> int:
         shutil.copytree(args.data_dir, data, ignore=shutil.ignore_patterns("write.lock", "*.migrate.lock"))
         query = Path(tmp) / "suspect.jpg"
         query.write_bytes(reposted(args.query))
-        token = keys_create("screenshot", ["search"], settings=Settings(data_dir=data))[1]
-        env = {"SLEUTH_DATA_DIR": str(data)} | (
-            {"SLEUTH_CLIP_MODEL": args.clip_model} if args.clip_model else {}
-        )
+        env = {"SLEUTH_DATA_DIR": str(data)}
+        if args.clip_model:
+            env["SLEUTH_CLIP_MODEL"] = args.clip_model
+        settings = Settings(data_dir=data, lpips_weights=args.lpips_weights)
+        token = keys_create("screenshot", ["search"], settings=settings)[1]
+        if args.generator:  # refine: project the query's face into this generator
+            from projection.registry import register_generator
+
+            name, family, path = args.generator.split(":", 2)
+            register_generator(settings, name, path, family=family)
+            env["SLEUTH_LPIPS_WEIGHTS"] = str(args.lpips_weights)
         with (
             live_server(env, log_path=Path(tmp) / "server.log", startup_timeout_s=300) as live,
             sync_playwright() as pw,
@@ -72,9 +83,11 @@ def main() -> int:
                 page.fill("#api-key", token)
                 page.click("#key-button")
                 page.set_input_files("#file", str(query))
+                if args.generator:
+                    page.check("#refine")
                 page.click("#search-button")
                 page.wait_for_selector("#report-section:not([hidden])", timeout=300_000)
-                page.wait_for_timeout(500)  # the frame resizes to its content
+                page.wait_for_timeout(800)  # the frame resizes to its content
                 summary = page.frame_locator("#report-frame").locator("#verdict-summary").inner_text()
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(args.out), full_page=True)
