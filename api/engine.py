@@ -98,9 +98,23 @@ class Engine:
 
     def refine(self, decoded: DecodedImage, base: dict[str, object]) -> dict[str, object]:
         """Projection evidence for the faces of ``decoded`` (the refine tier), merged into ``base``."""
+        from projection.registry import list_generators
         from search.refine import refine_json  # torch and the generators load with the first refine job
 
-        return dict(refine_json(self.settings, decoded, base, store=self.store))
+        out = dict(refine_json(self.settings, decoded, base, store=self.store))
+        refine = out.get("refine")
+        used = set(refine.get("generators") or []) if isinstance(refine, dict) else set()
+        models = dict(out.get("models") or {})  # type: ignore[call-overload]
+        for info in list_generators(self.settings, store=self.store):
+            if info.name in used:  # what reproducing this projection needs: the exact weights
+                models[f"generator {info.name}"] = {
+                    "family": info.family, "weights_sha256": info.weights_sha256,
+                    "source_sha256": info.source_sha256, "calibrated": info.calibration is not None,
+                }  # fmt: skip
+        if used and self.settings.lpips_weights:
+            models["lpips"] = {"weights": str(self.settings.lpips_weights)}
+        out["models"] = models
+        return out
 
     def close(self) -> None:
         self.store.dispose()

@@ -74,4 +74,6 @@ def test_refine_job_adds_projection_evidence_to_the_report(client_and_key: tuple
     page = client.get(body["report_url"] + "?format=html", headers=auth).text
     assert "Projected into <strong>tiny-dcgan</strong>" in page
     assert 'alt="reconstruction of face 1"' in page and 'alt="difference of face 1"' in page
+    generator = report["reproducibility"]["models"]["generator tiny-dcgan"]
+    assert len(generator["weights_sha256"]) == 64 and generator["calibrated"] is False
     assert "projects into tiny-dcgan with LPIPS" in " ".join(report["verdict"]["reasons"])  # not calibrated
