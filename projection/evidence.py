@@ -190,10 +190,13 @@ def project_faces(
     store: Store | None = None,
     match_k: int = 5,
     batch_size: int = 32,
+    rerank_pool: int = 50,
 ) -> list[Evidence]:
     """Project prepared faces (at the generator's resolution) into ``generator_name``; one ``Evidence`` each.
 
     ``starts[i]``: extra start latents ``[S, *latent_shape]`` for face ``i`` (the mean latent is always tried).
+    Latent matches: the ``rerank_pool`` stored latents nearest in direction, re-ranked by how close their own
+    image is to the face (``rerank_by_image``); the best ``match_k`` are kept.
     """
     device = device or settings.device
     own_store = store is None
@@ -221,7 +224,14 @@ def project_faces(
                 starts=chunk_starts, device=device,
             )  # fmt: skip
         matcher = LatentMatcher.open(settings, st, generator_name, results[0].space if results else "z")
-        matches = matcher.match(np.stack([r.latent.numpy() for r in results]), k=match_k) if results else []
+        pool = max(match_k, rerank_pool) if match_k > 0 else 0
+        matches = matcher.match(np.stack([r.latent.numpy() for r in results]), k=pool) if results else []
+        if pool > match_k:
+            targets = to_tensor([f.image for f in faces])
+            matches = [
+                rerank_by_image(generator, r.space, targets[i], found, matcher)[:match_k]
+                for i, (r, found) in enumerate(zip(results, matches, strict=True))
+            ]
     finally:
         if own_store:
             st.dispose()
@@ -251,6 +261,30 @@ def project_faces(
             )
         )
     return out
+
+
+def rerank_by_image(
+    generator: Any, space: str, target: torch.Tensor, found: list[LatentMatch], matcher: LatentMatcher
+) -> list[LatentMatch]:
+    """``found`` ordered by the pixel MSE between each stored latent's image and ``target`` ``[3, R, R]``.
+
+    The projected latent of a perturbed generated face points roughly towards its true latent (cosine ~0.5 for
+    DCGAN z); rendering the nearest candidates and comparing images separates the true one from look-alikes.
+    """
+    if not found:
+        return found
+    vecs = matcher.vectors([m.latent_id for m in found])
+    shape = generator.latent_shape(space)
+    device = next(generator.parameters()).device
+    with torch.no_grad():
+        latents = (
+            torch.from_numpy(np.stack([vecs[m.latent_id] for m in found])).reshape(-1, *shape).to(device)
+        )
+        images = generator.synthesize(latents, space)  # [n, 3, R, R]
+        mse = (images.cpu() - target[None]).square().mean(dim=(1, 2, 3))  # [n]
+    for m, e in zip(found, mse.tolist(), strict=True):
+        m.image_mse = float(e)
+    return sorted(found, key=lambda m: m.image_mse if m.image_mse is not None else float("inf"))
 
 
 def project_images(

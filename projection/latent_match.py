@@ -37,6 +37,7 @@ class LatentMatch:
     origin: str
     cosine: float
     distance: float  # Euclidean distance between the two latents
+    image_mse: float | None = None  # pixel MSE of the stored latent's image to the target, when re-ranked
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -145,6 +146,10 @@ class LatentMatcher:
             found.sort(key=lambda m: -m.cosine)
             out.append(found[:k])
         return out
+
+    def vectors(self, latent_ids: list[int]) -> dict[int, np.ndarray]:
+        """The stored vectors of ``latent_ids`` (flat float32)."""
+        return {i: row[0] for i, row in self._rows(sorted(set(latent_ids))).items()}
 
     def _rows(self, ids: list[int]) -> dict[int, tuple[np.ndarray, int | None, str | None, int | None, str]]:
         with self.store.session() as s:

@@ -10,7 +10,8 @@ generator is larger) plus ``noise_reg_weight`` times the multi-scale noise autoc
 maps are renormalised to zero mean and unit variance after every step. For DCGAN (only z) the same loop
 optimises z, without noise maps.
 
-Made fast (``ProjectionConfig()`` defaults; ``ProjectionConfig.published()`` is the paper's setting):
+Made fast (``ProjectionConfig.fast()`` is the evidence setting Sleuth uses, measured in
+``benchmarks/projection.py``; ``ProjectionConfig.published()`` is the paper's setting):
 
 - every target x every start is one row of a single batched run (latents ``[B*S, ...]``); starts are the mean
   latent plus optional given latents per target (e.g. stored latents of the top generated-face hits);
@@ -18,8 +19,10 @@ Made fast (``ProjectionConfig()`` defaults; ``ProjectionConfig.published()`` is 
   from its own generator seeded by ``(seed, start index)``), and rows can stop independently;
 - per-row early stopping: a row whose loss has not improved by ``rel_tol`` (relative) over ``patience`` steps
   stops and is no longer computed; the run ends when every row has stopped;
-- fewer steps with a higher learning rate and an extra pixel-MSE term; the best-loss latent of each row is kept,
-  and per target the start with the lowest final objective wins.
+- a forward-only search for a good basin (``candidate_starts``): the random z sample whose image is nearest the
+  target in pixels becomes one more start (``mean_start=False`` then drops the mean-latent row);
+- fewer steps with an extra pixel-MSE term; the best-loss latent of each row is kept, and per target the start
+  with the lowest final objective wins.
 """
 
 from __future__ import annotations

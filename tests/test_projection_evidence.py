@@ -189,6 +189,10 @@ def test_project_images_gives_evidence_in_input_order_with_matches_and_probabili
     assert first.lpips < 0.01 < second.lpips
     assert first.probability_generated is None and first.calibration_sizes is None
     assert first.latent_matches[0].seed == 5
+    # matches are re-ranked by how close each stored latent's own image is to the face
+    mses = [m.image_mse for m in first.latent_matches]
+    assert len(mses) == 5 and all(v is not None for v in mses) and mses == sorted(mses)  # type: ignore[type-var]
+    assert mses[0] < 1e-3 < mses[1]  # type: ignore[operator]
     assert first.reconstruction.size == (16, 16) and first.difference.size == (16, 16)
     assert first.steps > 0 and first.seconds > 0 and len(first.loss_trace) == first.steps
     cal = Calibration.fit([0.001, 0.002, 0.003], [0.2, 0.3, 0.4])

@@ -256,3 +256,26 @@ def test_noise_maps_are_renormalised_and_regularised() -> None:
     assert torch.allclose(maps[0].square().mean(dim=(1, 2, 3)), torch.ones(2), atol=1e-4)
     reg = noise_regularization(maps)
     assert reg.shape == (2,) and float(reg[0]) > 10 * float(reg[1])  # correlated noise is penalised
+
+
+def test_forward_search_start_replaces_the_mean_row_when_asked(lpips_model: torch.nn.Module) -> None:
+    gen = _dcgan()
+    z = gen.sample_z(2, seed=31)
+    with torch.no_grad():
+        targets = gen.synthesize(z)
+    active: list[int] = []
+    cfg = ProjectionConfig(steps=20, candidate_starts=64, mean_start=False, early_stop=False)
+    results = project(
+        gen, targets, lpips_model=lpips_model, config=cfg, progress=lambda s, a: active.append(a)
+    )
+    assert active[0] == 2  # one row per target: the best of 64 samples, no mean-latent row
+    assert [r.start_index for r in results] == [1, 1]
+    both = ProjectionConfig(steps=20, candidate_starts=64, early_stop=False)
+    active.clear()
+    again = project(
+        gen, targets, lpips_model=lpips_model, config=both, progress=lambda s, a: active.append(a)
+    )
+    assert active[0] == 4  # mean + candidate per target
+    assert all(
+        a.lpips + a.mse <= (r.lpips + r.mse) * 1.001 + 1e-6 for a, r in zip(again, results, strict=True)
+    )
