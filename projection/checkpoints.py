@@ -465,11 +465,28 @@ def save_safetensors(generator: Generator, path: str | Path, *, source_sha256: s
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        _sort_header_(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return sha256_file(path)
+
+
+def _sort_header_(path: str | Path) -> None:
+    """Rewrite a safetensors header with sorted keys (same length, offsets unchanged), in place.
+
+    The writer keeps the metadata in a hash map, so its key order (and the file's SHA-256) would change from one
+    run to the next; sorted, the same weights always give the same file.
+    """
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = fh.read(size)
+        text = json.dumps(json.loads(header), separators=(",", ":"), sort_keys=True).encode("utf-8")
+        if len(text) > size:  # cannot happen for the writer's compact JSON; keep the file as written
+            return
+        fh.seek(8)
+        fh.write(text + b" " * (size - len(text)))  # the format pads headers with spaces
 
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:

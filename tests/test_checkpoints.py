@@ -538,3 +538,23 @@ def test_dcgan_checkpoint_is_delegated_to_the_dcgan_module(tmp_path: Path) -> No
     assert info2["source_sha256"] == src_sha == info["sha256"] and info2["sha256"] == dst_sha
     with torch.no_grad():
         assert torch.equal(again.synthesize(z, "z"), gen.synthesize(z, "z"))
+
+
+def test_conversion_is_reproducible_the_same_weights_give_the_same_sha256(tmp_path: Path) -> None:
+    from projection.checkpoints import save_safetensors
+
+    gen = StyleGAN2Generator.from_preset("tiny", seed=2)
+    shas = {save_safetensors(gen, tmp_path / f"g{i}.safetensors", source_sha256="ab" * 32) for i in range(6)}
+    assert len(shas) == 1  # metadata key order is normalised, so the file is byte-identical
+    code = (
+        "import sys; from projection.checkpoints import save_safetensors; "
+        "from projection.stylegan2 import StyleGAN2Generator; "
+        "print(save_safetensors(StyleGAN2Generator.from_preset('tiny', seed=2), sys.argv[1], source_sha256='ab' * 32))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "other.safetensors")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert other.stdout.strip() in shas
