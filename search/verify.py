@@ -35,6 +35,9 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 
+MIRROR_SKIP_FACTOR = 3  # candidates with this many times the minimum inliers are not tried mirrored
+
+
 @dataclass(frozen=True)
 class VerifyConfig:
     """How features are extracted and matched. ``method``: "rootsift" or "orb"."""
@@ -256,13 +259,16 @@ class Verifier:
         only when some candidate is not accepted and ``check_mirror`` is on)."""
         qf = query_features if query_features is not None else self.extract(query)
         out = self._match_all(qf, candidates, min_inliers=min_inliers, mirrored=False)
-        if self.config.check_mirror and candidates and not all(v.accepted for v in out):
+        # A mirrored copy of a near-symmetric picture (a frontal face) still gives a few dozen unmirrored
+        # inliers; only a clear win without mirroring spares a candidate the mirrored pass.
+        strong = MIRROR_SKIP_FACTOR * min_inliers
+        if self.config.check_mirror and candidates and not all(v.inliers >= strong for v in out):
             if qf.method == "rootsift":
                 mf = self.mirrored(qf)
             else:
                 m = self.extract_mirrored(query)
                 mf = LocalFeatures(m.points, m.descriptors, qf.scale, m.size, m.method)
-            todo = [i for i, v in enumerate(out) if not v.accepted]
+            todo = [i for i, v in enumerate(out) if v.inliers < strong]
             alts = self._match_all(mf, [candidates[i] for i in todo], min_inliers=min_inliers, mirrored=True)
             for i, alt in zip(todo, alts, strict=True):
                 if alt.inliers > out[i].inliers:
