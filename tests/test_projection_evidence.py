@@ -250,3 +250,39 @@ def test_refine_adds_projection_evidence_per_face_and_generator(
     skipped = refine_json(proj_settings, _decoded(wide), base, store=store)  # type: ignore[arg-type]
     assert skipped["refine"]["status"] == "no_face" and "not square" in skipped["refine"]["reason"]
     store.dispose()
+
+
+def test_refine_warm_starts_from_the_stored_latent_of_a_generated_hit(
+    proj_settings: Settings, tmp_path: Path
+) -> None:
+    from indexer.store.models import Image as ImageRow
+    from search.refine import _warm_starts, refine_json
+
+    store = open_store(proj_settings)
+    register_generator(
+        proj_settings, "tiny", tiny_dcgan_checkpoint(tmp_path / "g.pt"), family="dcgan", store=store
+    )
+    gen = DCGANGenerator.from_preset("tiny", seed=1)
+    made = _generated(gen, [12])[0]
+    with store.session() as s:
+        row = ImageRow(
+            sha256="f" * 64, width=16, height=16, format="PNG", num_bytes=1, label="generated", generator="tiny",
+            pdq=b"\0" * 32, pdq_quality=100, pdq_mirror=b"\0" * 32, phash=b"\0" * 8, phash_mirror=b"\0" * 8,
+        )  # fmt: skip
+        s.add(row)
+        s.flush()
+        image_id = int(row.id)
+    store_latents(
+        store, "tiny", "z", gen.sample_z(1, seed=12).flatten(1).numpy(), seeds=[12], image_ids=[image_id]
+    )
+    sync_latent_index(proj_settings, store, "tiny", "z", 16)
+    base = {"hits": [{"image_id": image_id, "label": "generated"}], "faces": []}
+    starts = _warm_starts(store, "tiny", "z", base)
+    assert starts is not None and np.array_equal(starts[0], gen.sample_z(1, seed=12).flatten().numpy())
+    assert _warm_starts(store, "tiny", "z", {"hits": [{"image_id": image_id, "label": "real"}]}) is None
+    assert _warm_starts(store, "other", "z", base) is None
+    out = refine_json(proj_settings, _decoded(made), base, store=store)  # type: ignore[arg-type]
+    (proj,) = out["faces"][0]["projection"]
+    assert proj["start_index"] >= 1  # starts: 0 the mean latent, 1 the hit's latent, 2 the forward search
+    assert proj["lpips"] < 1e-3 and proj["latent_matches"][0]["seed"] == 12
+    store.dispose()
