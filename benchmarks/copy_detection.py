@@ -197,11 +197,13 @@ def run_system(
     baselines: Baselines,
     *,
     verbose: bool,
+    verify_top: int | None = None,
 ) -> list[dict[str, Any]]:
     """Every query through the Searcher (every candidate kept with its raw per-tier scores) and the baselines."""
     from indexer.embedders import load_embedder
-    from search.query import Searcher, candidate_thresholds
+    from search.query import Searcher, Thresholds, candidate_thresholds
 
+    base = Thresholds(verify_top=verify_top) if verify_top else None
     embedder = CachingEmbedder(load_embedder(clip_model), cache) if clip_model else None
     searcher = Searcher.open(settings, clip_model=embedder)  # type: ignore[arg-type]
     records: list[dict[str, Any]] = []
@@ -210,7 +212,7 @@ def run_system(
         for n, query in enumerate(queries):
             decoded = make_query_image(query)
             t0 = time.perf_counter()
-            result = searcher.search(decoded, k=1000, thresholds=candidate_thresholds())
+            result = searcher.search(decoded, k=1000, thresholds=candidate_thresholds(base))
             records.append(
                 {
                     "qid": query.qid,
@@ -510,6 +512,9 @@ def main() -> None:
     parser.add_argument("--transforms", default=",".join(T.BENCHMARK_TRANSFORMS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="run only the first N planned queries")
+    parser.add_argument(
+        "--verify-top", type=int, default=None, help="candidates verified (default: the default)"
+    )
     args = parser.parse_args()
 
     if args.what == "split":
@@ -538,7 +543,9 @@ def main() -> None:
     t0 = time.perf_counter()
     baselines = Baselines(reference, args.work / "baseline_hashes.json")
     cache = args.work / "query_embeddings.npz"
-    records = run_system(queries, settings, clip_model, cache, baselines, verbose=True)
+    records = run_system(
+        queries, settings, clip_model, cache, baselines, verbose=True, verify_top=args.verify_top
+    )
     meta = {
         "reference_images": len(baselines.shas),
         "heldout_images": len(heldout),
