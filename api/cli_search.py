@@ -93,6 +93,8 @@ def search(
         float | None, typer.Option(help="CLIP cosine for the similar class")
     ] = None,
     min_inliers: Annotated[int | None, typer.Option(help="RANSAC inliers that verify a copy")] = None,
+    face_min_similarity: Annotated[float | None, typer.Option(help="face cosine for a face match")] = None,
+    verify_top: Annotated[int | None, typer.Option(min=0, help="candidates verified with RANSAC")] = None,
     clip_model: ClipOpt = None,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
@@ -103,7 +105,11 @@ def search(
 
     settings = _settings(data_dir, clip_model)
     thresholds = Thresholds().with_overrides(
-        pdq_max_distance=pdq_max_distance, clip_min_similarity=clip_min_similarity, min_inliers=min_inliers
+        pdq_max_distance=pdq_max_distance,
+        clip_min_similarity=clip_min_similarity,
+        min_inliers=min_inliers,
+        face_min_similarity=face_min_similarity,
+        verify_top=verify_top,
     )
     searcher = Searcher.open(
         settings, clip_model=load_clip(settings), face_detector=load_face_detector(settings)

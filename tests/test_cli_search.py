@@ -77,6 +77,9 @@ def test_per_query_thresholds_change_the_decision(tmp_path: Path) -> None:
     _modified_copy(paths[1], query)
     (strict,) = _json_lines(["search", str(query), "--json", "--min-inliers", "100000", *data])
     assert strict["thresholds"]["min_inliers"] == 100000
+    (unverified,) = _json_lines(["search", str(query), "--json", "--verify-top", "0", *data])
+    assert unverified["thresholds"]["verify_top"] == 0
+    assert all(h["verification"] is None for h in unverified["hits"])
     assert all(
         h["match_class"] != "near_duplicate" or h["scores"]["pdq_distance"] <= 31 for h in strict["hits"]
     )
