@@ -201,11 +201,13 @@ def run_system(
 ) -> list[dict[str, Any]]:
     """Every query through the Searcher (every candidate kept with its raw per-tier scores) and the baselines."""
     from indexer.embedders import load_embedder
+    from indexer.faces import load_face_detector
     from search.query import Searcher, Thresholds, candidate_thresholds
 
     base = Thresholds(verify_top=verify_top) if verify_top else None
     embedder = CachingEmbedder(load_embedder(clip_model), cache) if clip_model else None
-    searcher = Searcher.open(settings, clip_model=embedder)  # type: ignore[arg-type]
+    detector = load_face_detector(settings) if settings.face_detector else None  # SLEUTH_FACE_DETECTOR
+    searcher = Searcher.open(settings, clip_model=embedder, face_detector=detector)  # type: ignore[arg-type]
     records: list[dict[str, Any]] = []
     started = time.perf_counter()
     try:
@@ -552,6 +554,7 @@ def main() -> None:
         "per_transform": args.per_transform,
         "seed": args.seed,
         "clip_model": clip_model,
+        "face_detector": str(settings.face_detector) if settings.face_detector else None,
         "data_dir": str(settings.data_dir),
         "run_seconds": round(time.perf_counter() - t0, 1),
     }

@@ -94,7 +94,7 @@ def main() -> None:
     )
     ap.add_argument("--baseline-steps", type=int, default=1000)
     ap.add_argument("--distractors", type=int, default=9800, help="extra stored latents of other seeds")
-    ap.add_argument("--steps", type=int, default=100, help="fast projector: step budget")
+    ap.add_argument("--steps", type=int, default=200, help="fast projector: step budget")
     ap.add_argument("--starts", type=int, default=0, help="fast projector: extra random starts")
     ap.add_argument("--candidates", type=int, default=64, help="fast projector: best-of-K random z start")
     ap.add_argument("--batch", type=int, default=50, help="fast projector: faces per batched run")

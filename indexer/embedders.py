@@ -621,6 +621,9 @@ def _load_onnx(
         else:
             logger.warning("device %s requested but onnxruntime has no CUDA provider: using the CPU", device)
     options = ort.SessionOptions()
+    # After a run, onnxruntime's worker threads spin-wait for more work by default; in a query they would burn
+    # the cores that verification needs next (measured: verification 143 ms p50 in-query vs 97 ms alone).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

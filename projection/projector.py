@@ -69,9 +69,10 @@ class ProjectionConfig:
 
     @classmethod
     def fast(cls, space: str = "w") -> ProjectionConfig:
-        """Sleuth's evidence setting (measured in benchmarks/projection.py): 100 steps with the MSE term and
-        early stopping, starting from the mean latent and from the best of 64 random samples."""
-        return cls(space=space, steps=100, candidate_starts=64)
+        """Sleuth's evidence setting (measured in benchmarks/projection.py): 200 steps with the MSE term and
+        early stopping, starting from the mean latent and from the best of 64 random samples. On the real
+        DCGAN at 200 + 200 faces: AUC 0.970 at 200 steps against 0.945 at 100 (the loss still falls past 100)."""
+        return cls(space=space, steps=200, candidate_starts=64)
 
     @classmethod
     def published(cls, space: str = "w") -> ProjectionConfig:

@@ -51,7 +51,13 @@ class Thresholds:
     # distractor false-match rate was 0 of 160 and precision 1.0 on the half of the queries not used to choose.
     pdq_max_distance: int = 31  # of 256 bits: PDQ's reference threshold; within it a hit is a near-duplicate
     phash_max_distance: int = 10  # of 64 bits: pHash hits are candidates, confirmed by verification
-    hash_k: int = 10  # nearest PDQ and pHash codes taken as verification candidates whatever their distance
+    hash_k: int = 10  # nearest PDQ and pHash codes taken as verification candidates whatever their distance;
+    # those beyond these radii are verified only after every other tier's candidates: there a hash neighbour is
+    # no evidence (on eval-v1 the nearest unrelated image of a query lies at PDQ 70-106 and pHash 8-20, and
+    # crops of 10 % and more move PDQ past 80), and would take a slot from the CLIP neighbours that do find
+    # crops, pads and rotations. Without CLIP they are the only candidates and still get verified.
+    pdq_candidate_distance: int = 64
+    phash_candidate_distance: int = 12
     clip_k: int = 20  # CLIP nearest neighbours taken as candidates
     clip_min_similarity: float = 0.85  # cosine: at or above, a hit is reported as visually similar
     face_min_similarity: float = 0.85  # cosine between aligned face embeddings
@@ -65,10 +71,20 @@ class Thresholds:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
+CALIBRATION_MIN_INLIERS = 6  # the lowest min_inliers that benchmarks/copy_detection.py calibrate tries
+
+
 def candidate_thresholds(base: Thresholds | None = None) -> Thresholds:
     """``base`` (default: the defaults) with every candidate reported, whatever its scores: for calibration,
-    where :func:`classify_scores` is applied afterwards to the recorded per-tier scores."""
-    return replace(base or Thresholds(), clip_min_similarity=-1.0, face_min_similarity=-1.0)
+    where :func:`classify_scores` is applied afterwards to the recorded per-tier scores. Verification then
+    counts inliers down to ``CALIBRATION_MIN_INLIERS`` (below a query's ``min_inliers`` RANSAC is skipped)."""
+    base = base or Thresholds()
+    return replace(
+        base,
+        clip_min_similarity=-1.0,
+        face_min_similarity=-1.0,
+        min_inliers=min(base.min_inliers, CALIBRATION_MIN_INLIERS),
+    )
 
 
 @dataclass
@@ -223,7 +239,10 @@ class Searcher:
 
         tiers.append("verify")
         ranks = _tier_ranks(
-            {"pdq": {i: float(d) for i, d in pdq.items()}, "phash": {i: float(d) for i, d in phash.items()}},
+            {
+                "pdq": {i: float(d) for i, d in pdq.items() if d <= t.pdq_candidate_distance},
+                "phash": {i: float(d) for i, d in phash.items() if d <= t.phash_candidate_distance},
+            },
             {"clip": clip, "faces": face_hits},
         )
         self._verify(decoded, exact, hits, images, t, ranks)

@@ -6,9 +6,10 @@ screenshots and overlays (an overlay hides some features, the rest still agree) 
 even with the same colours or layout, give only a handful of consistent matches.
 
 Choice of features (measured with ``benchmarks/copy_detection.py``, see the report): RootSIFT on grayscale
-resized to 512 px on the longest side. ``cv2.estimateAffinePartial2D`` only offers RANSAC and LMEDS in
-OpenCV 5 (the USAC estimators are rejected for the partial-affine model), so RANSAC it is; OpenCV refines the
-winning model on its inliers with Levenberg-Marquardt.
+reduced to 512 px on the longest side (smaller images keep their size). ``cv2.estimateAffinePartial2D`` only
+offers RANSAC and LMEDS in OpenCV 5 (the USAC estimators are rejected for the partial-affine model), so RANSAC
+it is; OpenCV refines the winning model on its inliers with Levenberg-Marquardt. RANSAC runs only for candidates
+with at least ``min_inliers`` ratio-test matches (fewer could never be accepted).
 
 Speed (what a query pays): the candidates' features are extracted once per image and kept in a
 :class:`FeatureCache` (``.npz`` files, RootSIFT quantised to uint8, never pickled); the query is matched against
@@ -35,15 +36,15 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 
-MIRROR_SKIP_FACTOR = 3  # candidates with this many times the minimum inliers are not tried mirrored
-
-
 @dataclass(frozen=True)
 class VerifyConfig:
     """How features are extracted and matched. ``method``: "rootsift" or "orb"."""
 
     method: str = "rootsift"
     max_side: int = 512
+    # Small images are not enlarged (SIFT doubles its input itself): on eval-v1's 200-px faces enlarging them to
+    # 512 px cost 3x the extraction time for no more inliers (benchmarks/copy_detection.py, misses analysed).
+    max_upscale: float = 1.0
     max_features: int = 600
     ratio: float = 0.8
     ransac_threshold: float = 6.0  # pixels, in the 512-px working frame
@@ -51,6 +52,7 @@ class VerifyConfig:
     min_scale: float = 0.1  # candidate / query scale outside these bounds is not a copy
     max_scale: float = 10.0
     check_mirror: bool = True
+    mirror_skip_inliers: int = 75  # candidates with this many inliers unmirrored are not tried mirrored
 
 
 @dataclass(frozen=True)
@@ -88,15 +90,18 @@ class Verification:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def to_gray(image: Image.Image | np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
-    """Grayscale uint8 [H, W] resized so that its longest side is ``max_side``, and that scale factor."""
+def to_gray(
+    image: Image.Image | np.ndarray, max_side: int, max_upscale: float = 1.0
+) -> tuple[np.ndarray, float]:
+    """Grayscale uint8 [H, W] resized so that its longest side is ``max_side`` (small images enlarged by at
+    most ``max_upscale``), and that scale factor."""
     if isinstance(image, Image.Image):
         gray = np.asarray(image.convert("L"))  # [H, W] uint8
     else:
         assert image.ndim == 2 and image.dtype == np.uint8, (image.shape, image.dtype)
         gray = image
     h, w = gray.shape
-    scale = max_side / max(h, w)
+    scale = min(max_side / max(h, w), max(max_upscale, 1.0))
     if abs(scale - 1.0) > 1e-3:
         interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
         gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=interp)
@@ -123,7 +128,7 @@ class Verifier:
     ) -> LocalFeatures:
         """Features of ``image``. ``original_size`` (w, h): the image is a thumbnail of a larger original,
         and the reported transforms should use the original's pixels."""
-        gray, scale = to_gray(image, self.config.max_side)
+        gray, scale = to_gray(image, self.config.max_side, self.config.max_upscale)
         if original_size is not None:
             scale = gray.shape[1] / original_size[0]
         keypoints, desc = self._detector.detectAndCompute(gray, None)
@@ -219,7 +224,7 @@ class Verifier:
         """RANSAC similarity transform on ratio-test matches ``src`` [m, 2] -> ``dst`` [m, 2]."""
         n = len(src)
         base = {"query_features": len(query), "candidate_features": len(cand), "mirrored": mirrored}
-        if n < 3:
+        if n < max(3, min_inliers):  # fewer matches than the inliers needed: no model can be accepted
             return Verification(n, 0, 0.0, **base)  # type: ignore[arg-type]
         model, mask = cv2.estimateAffinePartial2D(
             src, dst, method=cv2.RANSAC, ransacReprojThreshold=self.config.ransac_threshold,
@@ -261,7 +266,7 @@ class Verifier:
         out = self._match_all(qf, candidates, min_inliers=min_inliers, mirrored=False)
         # A mirrored copy of a near-symmetric picture (a frontal face) still gives a few dozen unmirrored
         # inliers; only a clear win without mirroring spares a candidate the mirrored pass.
-        strong = MIRROR_SKIP_FACTOR * min_inliers
+        strong = max(self.config.mirror_skip_inliers, min_inliers)
         if self.config.check_mirror and candidates and not all(v.inliers >= strong for v in out):
             if qf.method == "rootsift":
                 mf = self.mirrored(qf)
@@ -360,7 +365,11 @@ class FeatureCache:
     """
 
     def __init__(self, root: Path, config: VerifyConfig, *, memory_items: int = 2048) -> None:
-        relevant = {k: v for k, v in asdict(config).items() if k in ("method", "max_side", "max_features")}
+        relevant = {
+            k: v
+            for k, v in asdict(config).items()
+            if k in ("method", "max_side", "max_features", "max_upscale")
+        }
         key = hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:12]
         self.root = root / f"{config.method}-{key}"
         self.memory_items = memory_items

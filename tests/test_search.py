@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -200,6 +201,37 @@ def test_feature_cache_gives_the_same_features_from_disk_as_from_extraction(tmp_
     assert np.array_equal(first.points, again.points)
     assert np.allclose(first.descriptors, again.descriptors, atol=1e-6)
     assert abs(float(np.linalg.norm(first.descriptors[0])) - 1.0) < 1e-3
+
+
+def test_ransac_runs_only_for_candidates_that_could_reach_min_inliers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unrelated candidates have fewer ratio-test matches than ``min_inliers``: no RANSAC for them, and the
+    copy among them is verified exactly as when it is alone."""
+    import search.verify as V
+
+    calls: list[int] = []
+    real = V.cv2.estimateAffinePartial2D
+
+    def counting(src: np.ndarray, dst: np.ndarray, **kw: Any) -> Any:
+        calls.append(len(src))
+        return real(src, dst, **kw)
+
+    verifier = Verifier()
+    source = textured_photo(5)
+    copy = ImageOps.mirror(source.crop((40, 30, 600, 450)))
+    from skimage import data as photos  # scikit-image's bundled photographs: unrelated to the textured one
+
+    names = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins")
+    others = [verifier.extract(Image.fromarray(getattr(photos, n)())) for n in names]
+    alone = verifier.verify_many(copy, [verifier.extract(source)], min_inliers=25)[0]
+    monkeypatch.setattr(V.cv2, "estimateAffinePartial2D", counting)
+    results = verifier.verify_many(copy, [*others, verifier.extract(source)], min_inliers=25)
+    assert results[-1].accepted and results[-1].mirrored
+    assert results[-1].inliers == alone.inliers
+    assert not any(r.accepted for r in results[:-1])
+    assert calls and all(n >= 25 for n in calls)  # RANSAC only where the matches could make 25 inliers
+    assert len(calls) <= 2  # the copy (mirrored and maybe plain); the unrelated ones skipped
 
 
 def test_mirrored_descriptors_are_those_of_the_mirrored_image() -> None:
