@@ -118,9 +118,9 @@ class Verifier:
     def __init__(self, config: VerifyConfig | None = None) -> None:
         self.config = config or VerifyConfig()
         if self.config.method == "rootsift":
-            self._detector = cv2.SIFT_create(
+            self._detector = cv2.SIFT_create(  # type: ignore[attr-defined]  # cv2 stubs lag the runtime API
                 nfeatures=self.config.max_features, contrastThreshold=self.config.contrast_threshold
-            )  # type: ignore[attr-defined,arg-type,call-arg]  # faiss/cv2 stubs lag the runtime API
+            )
             self._matcher = cv2.BFMatcher(cv2.NORM_L2)
         elif self.config.method == "orb":
             self._detector = cv2.ORB_create(nfeatures=self.config.max_features, fastThreshold=10)  # type: ignore[attr-defined,arg-type,call-arg]  # faiss/cv2 stubs lag the runtime API

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import base64  # noqa: E402
 import io  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -253,7 +254,7 @@ def test_refine_adds_projection_evidence_per_face_and_generator(
 
 
 def test_refine_warm_starts_from_the_stored_latent_of_a_generated_hit(
-    proj_settings: Settings, tmp_path: Path
+    proj_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from indexer.store.models import Image as ImageRow
     from search.refine import _warm_starts, refine_json
@@ -281,8 +282,20 @@ def test_refine_warm_starts_from_the_stored_latent_of_a_generated_hit(
     assert starts is not None and np.array_equal(starts[0], gen.sample_z(1, seed=12).flatten().numpy())
     assert _warm_starts(store, "tiny", "z", {"hits": [{"image_id": image_id, "label": "real"}]}) is None
     assert _warm_starts(store, "other", "z", base) is None
+    import search.refine as R
+
+    given: list[list[np.ndarray] | None] = []
+    real_project = R.project_faces
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        given.append(kwargs.get("starts"))
+        return real_project(*args, **kwargs)
+
+    monkeypatch.setattr(R, "project_faces", recording)
     out = refine_json(proj_settings, _decoded(made), base, store=store)  # type: ignore[arg-type]
     (proj,) = out["faces"][0]["projection"]
-    assert proj["start_index"] >= 1  # starts: 0 the mean latent, 1 the hit's latent, 2 the forward search
+    per_face = given[0]  # one face; its starts: the hit's stored latent
+    assert per_face is not None and len(per_face) == 1
+    assert np.array_equal(np.asarray(per_face[0])[0], gen.sample_z(1, seed=12).flatten().numpy())
     assert proj["lpips"] < 1e-3 and proj["latent_matches"][0]["seed"] == 12
     store.dispose()
