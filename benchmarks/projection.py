@@ -9,11 +9,11 @@
    faces against the published settings (one image at a time, 1000 steps, VGG-LPIPS only) on a subset, in the
    same process. The fast path's reconstructions are also scored with VGG-LPIPS so both AUCs use one metric.
 
-Run (CPU, from the repo root; the figures of the closing note of issue 4 came from the second line, on 2 CPU
-cores shared with three other agents' benchmarks, so per-face times carry that load):
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/projection.py --n 200 --baseline-n 6
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/projection.py --n 60 --baseline-n 2 \
-        --distractors 940 --steps 100 --batch 30
+Run (CPU, from the repo root; the issue-4 notes give the figures of these two lines: the issue's size, then the
+1000-step baseline's own AUC on 10 + 10 faces):
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/projection.py --n 200 --baseline-n 2 --distractors 800 \
+        --batch 40 --threads 2
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/projection.py --n 10 --baseline-n 20 --distractors 90 --batch 20
 Writes bench-out/projection.json and prints a table. Needs ~/.cache/sleuth-eval-models (see shared/models).
 The fast path's LPIPS is AlexNet-LPIPS (``--fast-lpips alex``); its reconstructions are also scored with VGG.
 """

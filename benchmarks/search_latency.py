@@ -28,7 +28,6 @@ import os
 import shutil
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -106,17 +105,6 @@ def _bulk_images(store: Any, n: int, start: int, rng: np.random.Generator, colle
     return ids
 
 
-def _load_thumb(settings: Settings, size_sha: tuple[int, int, str]) -> tuple[Any, tuple[int, int]]:
-    """A stored thumbnail's pixels and its original's (width, height), as the Searcher loads them."""
-    from PIL import Image as PILImage
-
-    from indexer.ingest import thumbnail_path
-
-    w, h, sha = size_sha
-    with PILImage.open(thumbnail_path(settings, sha)) as im:
-        return im.convert("RGB"), (w, h)
-
-
 # --- 10k images -------------------------------------------------------------------------------------------
 def run_images(source: Path, work: Path, total: int, queries: int, seed: int) -> dict[str, Any]:
     from sqlalchemy import func, insert, select
@@ -124,10 +112,9 @@ def run_images(source: Path, work: Path, total: int, queries: int, seed: int) ->
     from indexer.decode import decode_file, decode_image
     from indexer.embedders import load_embedder
     from indexer.index_sync import clip_spec, sync_all
-    from indexer.ingest import thumbnail_path
     from indexer.store.db import open_store
     from indexer.store.models import Collection, Embedding, Image, Sighting
-    from search.query import Searcher
+    from search.query import Searcher, Thresholds
 
     if work.exists():
         shutil.rmtree(work)
@@ -151,10 +138,6 @@ def run_images(source: Path, work: Path, total: int, queries: int, seed: int) ->
                 )
             ).all()
         ]
-        sizes = {
-            sha: (int(w), int(h), sha)
-            for sha, w, h in s.execute(select(Image.sha256, Image.width, Image.height))
-        }
     t0 = time.perf_counter()
     ids = _bulk_images(store, max(0, total - real), 0, rng, collection_id)
     vecs = _unit(rng, len(ids), embedder.dim)
@@ -174,11 +157,8 @@ def run_images(source: Path, work: Path, total: int, queries: int, seed: int) ->
 
     searcher = Searcher.open(settings, clip_model=embedder)
     t0 = time.perf_counter()
-    seen: set[str] = set()
-    for _image_id, sha, _key in real_rows:  # the feature cache a running service has filled
-        if sha not in seen and thumbnail_path(settings, sha).exists():
-            seen.add(sha)
-            searcher.features.get(sha, partial(_load_thumb, settings, sizes[sha]), searcher.verifier)
+    rows = {row.sha256: row for row in searcher.fetch_images({i for i, _sha, _key in real_rows}).values()}
+    seen = {sha for sha, row in rows.items() if searcher.candidate_features(row) is not None}  # a warm cache
     warm_s = time.perf_counter() - t0
 
     originals = [key for _i, _sha, key in real_rows if "/near_dup/" not in key]
@@ -203,12 +183,11 @@ def run_images(source: Path, work: Path, total: int, queries: int, seed: int) ->
         cpu_ms = (time.process_time() - c0) * 1000
         # Verification of 10 candidates alone, wall and CPU time: this machine is shared, and CPU time of this
         # one-thread process is what the stage costs on an idle core.
-        shas = [h.sha256 for h in result.hits if h.sha256][:10]
+        shas = [h.sha256 for h in result.hits if h.sha256 in rows][:10]
         shas += [sha for sha in seen if sha not in shas][: 10 - len(shas)]
-        feats = [searcher.features.get(sha, partial(_load_thumb, settings, sizes[sha]), searcher.verifier)
-                 for sha in shas]  # fmt: skip
+        feats = [f for f in (searcher.candidate_features(rows[sha]) for sha in shas) if f is not None]
         v0, c1 = time.perf_counter(), time.process_time()
-        searcher.verifier.verify_many(decoded.image, feats, min_inliers=25)
+        searcher.verifier.verify_many(decoded.image, feats, min_inliers=Thresholds().min_inliers)
         verify10 = ((time.perf_counter() - v0) * 1000, (time.process_time() - c1) * 1000)
         if n < 3:
             continue  # warm-up: thread pools, ONNX session, allocator

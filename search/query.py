@@ -47,15 +47,15 @@ MATCH_CLASSES = ("exact", "near_duplicate", "similar")
 class Thresholds:
     """Decision thresholds of a query; every field can be overridden per query."""
 
-    # Calibrated on eval-v1 with benchmarks/copy_detection.py (README "Search thresholds"): at these values the
-    # distractor false-match rate was 0 of 160 and precision 1.0 on the half of the queries not used to choose.
+    # Calibrated on eval-v1 with benchmarks/copy_detection.py (README "Search thresholds"): at these values
+    # recall@1 0.997 and a distractor false-match rate of 0.6 % over 640 queries.
     pdq_max_distance: int = 31  # of 256 bits: PDQ's reference threshold; within it a hit is a near-duplicate
     phash_max_distance: int = 10  # of 64 bits: pHash hits are candidates, confirmed by verification
-    hash_k: int = 10  # nearest PDQ and pHash codes taken as verification candidates whatever their distance;
-    # those beyond these radii are verified only after every other tier's candidates: there a hash neighbour is
-    # no evidence (on eval-v1 the nearest unrelated image of a query lies at PDQ 70-106 and pHash 8-20, and
-    # crops of 10 % and more move PDQ past 80), and would take a slot from the CLIP neighbours that do find
-    # crops, pads and rotations. Without CLIP they are the only candidates and still get verified.
+    hash_k: int = 10  # nearest PDQ and pHash codes taken as verification candidates whatever their distance
+    # Hash neighbours beyond these radii are verified only after every other tier's candidates: there a hash
+    # neighbour is no evidence (on eval-v1 the nearest unrelated image of a query lies at PDQ 70-106 and pHash
+    # 8-20, and crops of 10 % and more move PDQ past 80), and would take a slot from the CLIP neighbours that do
+    # find crops, pads and rotations. Without CLIP they are the only candidates and still get verified.
     pdq_candidate_distance: int = 64
     phash_candidate_distance: int = 12
     clip_k: int = 20  # CLIP nearest neighbours taken as candidates
@@ -346,18 +346,24 @@ class Searcher:
         features: list[LocalFeatures] = []
         verified: list[Hit] = []
         for hit in order:
-            image = images[hit.image_id]
-            path = thumbnail_path(self.settings, image.sha256)
-            if not path.exists() and not self.features.path(image.sha256).exists():
-                continue
-            features.append(self.features.get(image.sha256, partial(_load_thumb, path, image), self.verifier))
-            verified.append(hit)
+            found = self.candidate_features(images[hit.image_id])
+            if found is not None:
+                features.append(found)
+                verified.append(hit)
         if not verified:
             return
         results = self.verifier.verify_many(decoded.image, features, min_inliers=t.min_inliers)
         for hit, v in zip(verified, results, strict=True):
             hit.scores["inliers"] = v.inliers
             hit.verification = _verification_json(v)
+
+    def candidate_features(self, image: Image) -> LocalFeatures | None:
+        """Local features of an indexed image, from the feature cache (extracted from its thumbnail the first
+        time); None when the image has neither a thumbnail nor cached features."""
+        path = thumbnail_path(self.settings, image.sha256)
+        if not path.exists() and not self.features.path(image.sha256).exists():
+            return None
+        return self.features.get(image.sha256, partial(_load_thumb, path, image), self.verifier)
 
     def fetch_images(self, ids: set[int]) -> dict[int, Image]:
         """The candidates' rows, by primary key only."""

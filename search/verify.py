@@ -9,8 +9,8 @@ Choice of features (measured with ``benchmarks/copy_detection.py``, see the repo
 reduced to 512 px on the longest side (smaller images keep their size). ``cv2.estimateAffinePartial2D`` only
 offers RANSAC and LMEDS in OpenCV 5 (the USAC estimators are rejected for the partial-affine model), so RANSAC
 it is; OpenCV refines the winning model on its inliers with Levenberg-Marquardt. RANSAC runs only for candidates
-with at least ``min_inliers`` ratio-test matches (fewer could never be accepted). Small images keep their size
-and SIFT's contrast threshold is halved (0.02): on the 200-px faces of eval-v1, edited copies verified against
+with at least ``min_inliers`` ratio-test matches (fewer could never be accepted). SIFT's contrast threshold is
+halved (0.02): on the 200-px faces of eval-v1, edited copies verified against
 their sources fell short of 25 inliers in 12 of 120 pairs with OpenCV's 0.04 and in 1 with 0.02, while unrelated
 face pairs (a distractor and its 4 nearest CLIP neighbours, 1032 pairs) stayed at most 25 inliers either way.
 
@@ -51,7 +51,7 @@ class VerifyConfig:
     max_features: int = 600
     contrast_threshold: float = 0.02  # SIFT DoG contrast threshold (OpenCV: 0.04); see the module note
     ratio: float = 0.8
-    ransac_threshold: float = 6.0  # pixels, in the 512-px working frame
+    ransac_threshold: float = 6.0  # pixels, in the working frame
     ransac_iters: int = 2000
     min_scale: float = 0.1  # candidate / query scale outside these bounds is not a copy
     max_scale: float = 10.0
