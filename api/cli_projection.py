@@ -73,11 +73,12 @@ def generators_list(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> No
     if not infos:
         out.print("no generators registered; add one with `sleuth generators add NAME PATH --family ...`")
         return
-    table = Table("name", "family", "resolution", "weights sha256", "calibrated")
+    table = Table("name", "family", "resolution", "weights sha256", "encoder", "calibrated")
     for i in infos:
         sizes = i.to_json()["calibration_sizes"]
         cal = f"{sizes['n_generated']} generated / {sizes['n_real']} real" if sizes else "no"
-        table.add_row(i.name, i.family, str(i.resolution), i.weights_sha256[:16], cal)
+        enc = f"cosine {i.encoder['report']['holdout_cosine']:.2f}" if i.encoder else "no"
+        table.add_row(i.name, i.family, str(i.resolution), i.weights_sha256[:16], enc, cal)
     out.print(table)
 
 
@@ -96,6 +97,43 @@ def generators_convert(
         _print_json({"source": str(src), "source_sha256": src_sha, "path": str(dst), "sha256": dst_sha})
     else:
         out.print(f"{src} (sha256 {src_sha}) -> {dst} (sha256 {dst_sha})")
+
+
+@generators_app.command("train-encoder")
+@handles_errors
+def generators_train_encoder(
+    name: Annotated[str, typer.Argument(help="registered generator")],
+    samples: Annotated[
+        int, typer.Option("--samples", min=256, help="generator samples to train on")
+    ] = 20_000,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="passes over the samples")] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the samples and the training")] = 0,
+    device: DeviceOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the latent encoder whose prediction starts every projection (fewer steps, right basin); clears the
+    calibration, which must then be made again with `calibrate`."""
+    from projection.encoder import TrainingConfig, train_generator_encoder
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "sampling":
+            err.print(f"{'drawing' if done == 0 else 'drew'} {total} samples of {name}")
+        else:
+            err.print(f"epoch {done}/{total}")
+
+    settings = _with_device(data_dir, device)
+    training = TrainingConfig(samples=samples, epochs=epochs, seed=seed, holdout=min(500, samples // 10))
+    info, report = train_generator_encoder(settings, name, training, progress=progress)
+    if as_json:
+        _print_json({"generator": name, "encoder": info.encoder})
+        return
+    out.print(
+        f"encoder for [bold]{name}[/] ({report.samples} samples, {report.epochs} epochs, {report.seconds:.0f}s): "
+        f"held-out cosine {report.holdout_cosine:.3f}, relative MSE {report.holdout_relative_mse:.3f}\n"
+        f"  -> {info.encoder and info.encoder['path']}\n  calibration cleared: run `sleuth generators calibrate "
+        f"{name} --real DIR`"
+    )
 
 
 @generators_app.command("calibrate")

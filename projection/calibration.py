@@ -211,8 +211,7 @@ def calibrate_generator(
 
     from indexer.decode import decode_file
     from indexer.errors import DecodeError, SourceError
-    from projection.evidence import PreparedFace, prepare_face, project_faces
-    from projection.projector import ProjectionConfig
+    from projection.evidence import PreparedFace, prepare_face, project_faces, projection_config
     from projection.registry import load_generator, set_calibration
 
     if k < 2:
@@ -242,9 +241,7 @@ def calibrate_generator(
         PreparedFace(im, "generated")
         for im in generated_faces(generator, k, seed=seed + 1, jpeg_quality=jpeg_quality, scale=scale)
     ]
-    config = ProjectionConfig.fast(info.latent_space)
-    if steps is not None:
-        config.steps = steps
+    config = projection_config(info, steps=steps)
     evidence = project_faces(
         settings, fake + real, name, device=device, config=config, store=store, match_k=0
     )
@@ -254,6 +251,7 @@ def calibrate_generator(
         settings={
             "k": k, "seed": seed, "jpeg_quality": jpeg_quality, "scale": scale, "real_dir": str(real_dir),
             "real_alignment": sorted({f.how for f in real}), "projection": config.to_dict(),
+            "encoder_sha256": info.encoder["sha256"] if info.encoder else None,
         },
     )  # fmt: skip
     set_calibration(settings, name, cal.to_json(), store=store)

@@ -26,10 +26,11 @@ from indexer.errors import ModelUnavailableError
 from indexer.settings import Settings
 from indexer.store.db import Store, open_store
 from projection.calibration import Calibration
+from projection.encoder import predict_starts
 from projection.latent_match import LatentMatch, LatentMatcher
 from projection.lpips_loader import load_lpips
-from projection.projector import ProjectionConfig, ProjectionResult, project
-from projection.registry import GeneratorInfo, load_generator
+from projection.projector import ProjectionConfig, ProjectionResult, project, resolve_space
+from projection.registry import GeneratorInfo, load_encoder_of, load_generator
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,14 @@ def calibration_of(info: GeneratorInfo) -> Calibration | None:
 
 
 # --- projection --------------------------------------------------------------------------------------------
+def projection_config(info: GeneratorInfo, *, steps: int | None = None) -> ProjectionConfig:
+    """The fast setting for a registered generator: started from its latent encoder when it has one."""
+    config = ProjectionConfig.fast(info.latent_space, encoder=info.encoder is not None)
+    if steps is not None:
+        config.steps = steps
+    return config
+
+
 def project_faces(
     settings: Settings,
     faces: Sequence[PreparedFace],
@@ -194,7 +203,9 @@ def project_faces(
 ) -> list[Evidence]:
     """Project prepared faces (at the generator's resolution) into ``generator_name``; one ``Evidence`` each.
 
-    ``starts[i]``: extra start latents ``[S, *latent_shape]`` for face ``i`` (the mean latent is always tried).
+    ``starts[i]``: extra start latents ``[S, *latent_shape]`` for face ``i``. Where the generator has a trained
+    latent encoder (``sleuth generators train-encoder``), its prediction for the face is start 1 and the given
+    starts follow; the default config then uses it in place of the mean latent and the random search.
     Latent matches: the ``rerank_pool`` stored latents nearest in direction, re-ranked by how close their own
     image is to the face (``rerank_by_image``); the best ``match_k`` are kept.
     """
@@ -203,7 +214,11 @@ def project_faces(
     st = store or open_store(settings)
     try:
         generator, info = load_generator(settings, generator_name, device=device, store=st)
-        config = config or ProjectionConfig.fast(info.latent_space)
+        encoder = load_encoder_of(info, device=device)
+        config = config or projection_config(info)
+        space = resolve_space(generator, config.space)
+        if encoder is not None and encoder.config.space != space.rstrip("+"):
+            encoder = None  # e.g. a w encoder while projecting in z: no usable prediction
         lpips_model = lpips_for(settings, device=device)
         calibration = calibration_of(info)
         res = generator.resolution
@@ -213,16 +228,23 @@ def project_faces(
         results: list[ProjectionResult] = []
         for lo in range(0, len(faces), batch_size):
             chunk = faces[lo : lo + batch_size]
-            chunk_starts = None
+            targets = to_tensor([f.image for f in chunk])
+            chunk_starts: list[torch.Tensor] | None = None
             if starts is not None:
                 chunk_starts = [
                     torch.empty(0) if s is None else torch.as_tensor(np.asarray(s, dtype=np.float32))
                     for s in starts[lo : lo + batch_size]
                 ]
+            if encoder is not None:  # the encoder's prediction is start 1, given starts follow
+                shape = generator.latent_shape(space)
+                predicted = predict_starts(encoder, targets, shape)  # [b, *shape]
+                given = chunk_starts or [torch.empty(0)] * len(chunk)
+                chunk_starts = [
+                    torch.cat([predicted[i : i + 1], g.reshape(-1, *shape)]) for i, g in enumerate(given)
+                ]
             results += project(
-                generator, to_tensor([f.image for f in chunk]), lpips_model=lpips_model, config=config,
-                starts=chunk_starts, device=device,
-            )  # fmt: skip
+                generator, targets, lpips_model=lpips_model, config=config, starts=chunk_starts, device=device
+            )
         matcher = LatentMatcher.open(settings, st, generator_name, results[0].space if results else "z")
         pool = max(match_k, rerank_pool) if match_k > 0 else 0
         matches = matcher.match(np.stack([r.latent.numpy() for r in results]), k=pool) if results else []
@@ -314,8 +336,7 @@ def project_images(
             detector = load_face_detector(settings)
         faces = [prepare_face(im, generator.resolution, detector=detector) for im in images]
         if steps is not None:
-            config = config or ProjectionConfig.fast(info.latent_space)
-            config.steps = steps
+            config = config or projection_config(info, steps=steps)
         return project_faces(
             settings, faces, generator_name, device=device, config=config, store=st, match_k=match_k
         )

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+ENCODER_STEPS = 100  # fast setting from an encoder's start (benchmarks/projection.py)
 
 
 @dataclass
@@ -68,10 +69,15 @@ class ProjectionConfig:
     mean_start: bool = True  # False: skip the mean latent where other starts are given (one row per target)
 
     @classmethod
-    def fast(cls, space: str = "w") -> ProjectionConfig:
-        """Sleuth's evidence setting (measured in benchmarks/projection.py): 200 steps with the MSE term and
-        early stopping, starting from the mean latent and from the best of 64 random samples. On the real
-        DCGAN at 200 + 200 faces: AUC 0.970 at 200 steps against 0.945 at 100 (the loss still falls past 100)."""
+    def fast(cls, space: str = "w", *, encoder: bool = False) -> ProjectionConfig:
+        """Sleuth's evidence setting (measured in benchmarks/projection.py).
+
+        With a latent encoder (``encoder=True``; its prediction is given as a start): ENCODER_STEPS steps from
+        that start alone. Without one: 200 steps with the MSE term and early stopping, starting from the mean
+        latent and from the best of 64 random samples (real DCGAN, 200 + 200 faces: AUC 0.970 at 200 steps,
+        0.945 at 100)."""
+        if encoder:
+            return cls(space=space, steps=ENCODER_STEPS, mean_start=False)
         return cls(space=space, steps=200, candidate_starts=64)
 
     @classmethod

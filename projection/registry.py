@@ -51,6 +51,7 @@ class GeneratorInfo:
     source_path: str
     source_sha256: str
     calibration: dict[str, Any] | None = None
+    encoder: dict[str, Any] | None = None  # path, sha256, space, training report (projection.encoder)
     resolution: int = 0
     latent_space: str = "z"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -67,6 +68,7 @@ class GeneratorInfo:
             source_path=row.source_path,
             source_sha256=row.source_sha256,
             calibration=dict(row.calibration) if row.calibration else None,
+            encoder=dict(row.encoder) if row.encoder else None,
             resolution=int(config.get("resolution", 0)),  # type: ignore[call-overload]
             latent_space=str(config.get("projection_space", "z")),
         )
@@ -85,6 +87,7 @@ class GeneratorInfo:
             "source_sha256": self.source_sha256,
             "calibrated": bool(self.calibration),
             "calibration_sizes": {k: cal[k] for k in ("n_generated", "n_real") if k in cal},
+            "encoder": self.encoder,
         }
 
 
@@ -201,22 +204,73 @@ def list_generators(settings: Settings, *, store: Store | None = None) -> list[G
             st.dispose()
 
 
-def set_calibration(
-    settings: Settings, name: str, calibration: dict[str, Any], *, store: Store | None = None
-) -> GeneratorInfo:
-    """Store ``calibration`` (JSON) on the entry of ``name``."""
+def _update(settings: Settings, name: str, store: Store | None, **fields: Any) -> GeneratorInfo:
+    """Set columns of the entry of ``name``; a new encoder clears the calibration (made with the old start)."""
     st, owned = _open(settings, store)
     try:
         with st.session() as s:
             row = s.execute(select(GeneratorRecord).where(GeneratorRecord.name == name)).scalar_one_or_none()
             if row is None:
                 raise GeneratorNotFoundError(f"no generator named {name!r} is registered")
-            row.calibration = calibration
+            if "encoder" in fields and row.calibration:
+                logger.warning("generator %s: calibration cleared (the projector's start changed)", name)
+                row.calibration = None
+            for column, value in fields.items():
+                setattr(row, column, value)
             s.flush()
             return GeneratorInfo.from_record(row)
     finally:
         if owned:
             st.dispose()
+
+
+def set_calibration(
+    settings: Settings, name: str, calibration: dict[str, Any], *, store: Store | None = None
+) -> GeneratorInfo:
+    """Store ``calibration`` (JSON) on the entry of ``name``."""
+    return _update(settings, name, store, calibration=calibration)
+
+
+def set_encoder(
+    settings: Settings, name: str, encoder: dict[str, Any] | None, *, store: Store | None = None
+) -> GeneratorInfo:
+    """Record ``encoder`` (path, sha256, report; ``None`` removes it) on the entry of ``name``. A calibration
+    made with another projection start no longer describes the projector, so it is cleared (logged)."""
+    return _update(settings, name, store, encoder=encoder)
+
+
+def encoder_path(settings: Settings, name: str) -> Path:
+    return generators_dir(settings) / f"{name}.encoder.safetensors"
+
+
+_ENCODERS: dict[tuple[str, str, str], Any] = {}
+
+
+def load_encoder_of(info: GeneratorInfo, *, device: str | torch.device = "cpu") -> Any | None:
+    """The latent encoder recorded for ``info`` (a ``projection.encoder.LatentEncoder``), ``None`` without one.
+    Its SHA-256 must still be the recorded one; loaded once per (file, sha256, device)."""
+    from projection.encoder import load_encoder
+
+    if not info.encoder:
+        return None
+    path, sha = Path(str(info.encoder["path"])), str(info.encoder["sha256"])
+    key = (str(path), sha, str(torch.device(device)))
+    with _CACHE_LOCK:
+        if key in _ENCODERS:
+            return _ENCODERS[key]
+        if not path.is_file():
+            raise ModelUnavailableError(
+                f"generator {info.name!r}: latent encoder {path} is missing; train it again with "
+                f"`sleuth generators train-encoder {info.name}`"
+            )
+        actual = sha256_file(path)
+        if actual != sha:
+            raise ModelUnavailableError(
+                f"generator {info.name!r}: latent encoder {path} has sha256 {actual[:12]}, the registry recorded "
+                f"{sha[:12]}; the file changed after training"
+            )
+        _ENCODERS[key] = load_encoder(path, device=device)
+        return _ENCODERS[key]
 
 
 _CACHE: dict[tuple[str, str, str], Generator] = {}

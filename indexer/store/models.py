@@ -136,6 +136,7 @@ class GeneratorRecord(Base):
     source_path: Mapped[str] = mapped_column(Text)
     source_sha256: Mapped[str] = mapped_column(String(64))
     calibration: Mapped[dict[str, object] | None] = mapped_column(JSON, nullable=True)
+    encoder: Mapped[dict[str, object] | None] = mapped_column(JSON, nullable=True)  # projection.encoder
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
