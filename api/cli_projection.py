@@ -1,4 +1,4 @@
-"""``sleuth generators add|list|convert|calibrate`` and ``sleuth project``: the projection verbs of the CLI.
+"""``sleuth generators add|list|convert|train-encoder|calibrate`` and ``sleuth project``: the projection verbs of the CLI.
 
 A thin typer layer over ``projection.registry``, ``projection.calibration`` and ``projection.evidence``;
 registered on the main app at the end of ``api/cli.py``. Library errors end the command through the same
@@ -18,7 +18,8 @@ from api.cli import DataDirOpt, JsonOpt, _print_json, _settings, err, handles_er
 from indexer.errors import SourceError
 
 generators_app: typer.Typer = typer.Typer(
-    no_args_is_help=True, help="Register, list, convert and calibrate generator checkpoints."
+    no_args_is_help=True,
+    help="Register, list, convert, train encoders for and calibrate generator checkpoints.",
 )
 
 DeviceOpt = Annotated[

@@ -128,3 +128,26 @@ def test_projection_errors_are_one_clear_line_and_exit_2(env: Path) -> None:
     assert result.exit_code == 2 and "error" in result.output
     result = runner.invoke(app, ["generators", "calibrate", "x", "--real", str(env / "none")])
     assert result.exit_code == 2 and "no generator named 'x'" in result.output
+
+
+def test_train_encoder_records_it_and_projection_starts_from_its_prediction(env: Path) -> None:
+    ckpt = tiny_dcgan_checkpoint(env / "netG.pt")
+    assert runner.invoke(app, ["generators", "add", "tiny", str(ckpt), "--family", "dcgan"]).exit_code == 0
+    (trained,) = _lines(
+        ["generators", "train-encoder", "tiny", "--samples", "600", "--epochs", "2", "--json"]
+    )
+    encoder = trained["encoder"]
+    assert encoder["sha256"] == sha256_file(encoder["path"]) and encoder["space"] == "z"
+    assert encoder["report"]["samples"] == 600 and encoder["training"]["epochs"] == 2
+    (listed,) = _lines(["generators", "list", "--json"])
+    assert listed["generators"][0]["encoder"]["sha256"] == encoder["sha256"]
+    text = runner.invoke(app, ["generators", "list"])
+    assert "cosine" in text.stdout
+    images = _faces(env / "faces")
+    docs = _lines(
+        ["project", str(images[0]), str(images[1]), "-g", "tiny", "--json", "--out", str(env / "o")]
+    )
+    assert [d["start_index"] for d in docs] == [1, 1]  # the encoder's prediction (the mean latent is not run)
+    assert docs[0]["lpips"] < 0.05 < docs[1]["lpips"]
+    bad = runner.invoke(app, ["generators", "train-encoder", "nope"])
+    assert bad.exit_code == 2 and "no generator named 'nope'" in bad.output
