@@ -240,20 +240,32 @@ def main() -> None:
 
     # --- published baseline: one image at a time, 1000 steps, VGG-LPIPS only ---------------------------------
     half = args.baseline_n // 2
-    subset = list(range(half)) + list(range(n, n + args.baseline_n - half))
+    gen_sub, real_sub = list(range(half)), list(range(n, n + args.baseline_n - half))
+    subset = [i for pair in zip(gen_sub, real_sub, strict=False) for i in pair] + real_sub[len(gen_sub) :]
     base_cfg = ProjectionConfig.published(space="z")
     base_cfg.steps = args.baseline_steps
-    base_lp, base_seconds = [], 0.0
-    for i in subset:
+    base_lp: dict[int, float] = {}
+    base_seconds = 0.0
+    for i in subset:  # generated and real faces alternate, so an interrupted run still compares both
         t0 = time.perf_counter()
         (r,) = project(generator, to_tensor([faces[i].image]), lpips_model=vgg, config=base_cfg)
         base_seconds += time.perf_counter() - t0
-        base_lp.append(r.lpips)
+        base_lp[i] = r.lpips
         log.info("baseline face %d: lpips %.4f, %.1fs", i, r.lpips, time.perf_counter() - t0)
-    sub_gen = [base_lp[j] for j in range(half)]
-    sub_real = base_lp[half:]
-    auc_base = roc_auc([-v for v in sub_gen], [-v for v in sub_real])
-    auc_fast_sub = roc_auc([-fast_vgg[i] for i in subset[:half]], [-fast_vgg[i] for i in subset[half:]])
+        done_gen, done_real = [j for j in base_lp if j < n], [j for j in base_lp if j >= n]
+        progress: dict[str, Any] = {
+            "faces": len(base_lp),
+            "seconds_per_face": base_seconds / len(base_lp),
+            "lpips": base_lp,
+        }
+        if done_gen and done_real:
+            progress["auc"] = roc_auc([-base_lp[j] for j in done_gen], [-base_lp[j] for j in done_real])
+            progress["fast_auc_same_faces_vgg"] = roc_auc(
+                [-fast_vgg[j] for j in done_gen], [-fast_vgg[j] for j in done_real]
+            )
+        args.out.with_suffix(".baseline.partial.json").write_text(json.dumps(progress))
+    auc_base = roc_auc([-base_lp[j] for j in gen_sub], [-base_lp[j] for j in real_sub])
+    auc_fast_sub = roc_auc([-fast_vgg[j] for j in gen_sub], [-fast_vgg[j] for j in real_sub])
     per_face_fast = fast_s / len(faces)
     per_face_base = base_seconds / len(subset)
 
@@ -282,7 +294,7 @@ def main() -> None:
         "baseline": {
             "config": base_cfg.to_dict(), "lpips_net": "vgg", "faces": len(subset), "generated": half,
             "seconds_total": base_seconds, "seconds_per_face": per_face_base, "auc_subset": auc_base,
-            "fast_auc_same_subset_vgg": auc_fast_sub, "lpips": base_lp,
+            "fast_auc_same_subset_vgg": auc_fast_sub, "lpips": [base_lp[j] for j in subset], "faces_in_order": subset,
         },
         "speedup_per_face": per_face_base / per_face_fast,
         "gpu": "not measured (no GPU in this session)",
