@@ -121,7 +121,7 @@ def _project_into(
     try:
         evidence = project_faces(settings, faces, info.name, starts=per_face, store=store)
     except (ValueError, RuntimeError) as exc:  # stored latents of another shape: the mean latent only
-        logger.warning("warm starts for %s not usable (%s); mean latent only", info.name, exc)
+        logger.warning("warm starts for %s not usable (%s); default starts only", info.name, exc)
         evidence = project_faces(settings, faces, info.name, store=store)
     docs = []
     for face, ev in zip(faces, evidence, strict=True):
