@@ -11,9 +11,10 @@ registry. A real photo has no latent to find: its prediction is just one more st
 reproject.
 
 Architecture: the DCGAN discriminator's shape (Radford et al. 2016): stride-2 4x4 convolutions from the
-generator's resolution down to 4x4 (BatchNorm after all but the first, LeakyReLU 0.2), widths ``width * 2**k``
-capped at ``max_width``, then one linear layer to the latent. It predicts the latent standardised by the training
-latents' per-coordinate mean and overall standard deviation (stored with it); the loss is their MSE.
+generator's resolution (at most ``MAX_INPUT`` = 128 px; larger images are area-downsampled) down to 4x4
+(BatchNorm after all but the first, LeakyReLU 0.2), widths ``width * 2**k`` capped at ``max_width``, then one
+linear layer to the latent. It predicts the latent standardised by the training latents' per-coordinate mean and
+overall standard deviation (stored with it); the loss is their MSE.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -40,6 +42,7 @@ from projection.generator_base import Generator
 logger = logging.getLogger(__name__)
 
 FORMAT = "sleuth-latent-encoder-v1"
+MAX_INPUT = 128  # larger generators' images are area-downsampled to this for the encoder (memory, speed)
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ class LatentEncoder(nn.Module):
         self.register_buffer("latent_scale", torch.ones(()))
 
     def forward_standardised(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] != self.config.resolution:  # a larger generator's images: area-downsampled
+            images = F.interpolate(images, size=(self.config.resolution,) * 2, mode="area")
         return self.head(self.features(images).flatten(1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -158,6 +163,8 @@ def generator_samples(
                         jpeg_quality=rng.randint(*training.jpeg_quality),
                         scale=rng.uniform(*training.scale),
                     )
+                if im.width > MAX_INPUT:
+                    im = im.resize((MAX_INPUT, MAX_INPUT), Image.Resampling.BOX)
                 images.append(np.asarray(im))
             latents.append(lat.flatten(1).cpu())
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # [N, 3, R, R] uint8
@@ -182,13 +189,26 @@ def train_encoder(
     training = training or TrainingConfig()
     device = torch.device(device)
     started = time.perf_counter()
-    torch.manual_seed(training.seed)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
+        torch.manual_seed(training.seed)
+        return _train(generator, space, training, width, device, progress, started)
+
+
+def _train(
+    generator: Generator,
+    space: str,
+    training: TrainingConfig,
+    width: int,
+    device: torch.device,
+    progress: Callable[[str, int, int], None] | None,
+    started: float,
+) -> tuple[LatentEncoder, EncoderReport]:
     if progress:
         progress("sampling", 0, training.samples)
     pixels, latents = generator_samples(generator, space, training)
     if progress:
         progress("sampling", training.samples, training.samples)
-    config = EncoderConfig(generator.resolution, space, latents.shape[1], width=width)
+    config = EncoderConfig(min(generator.resolution, MAX_INPUT), space, latents.shape[1], width=width)
     encoder = LatentEncoder(config).to(device)
     train_latents = latents[training.holdout :]
     mean = train_latents.mean(dim=0)

@@ -133,6 +133,12 @@ def test_stylegan2_encoder_predicts_w_and_fills_w_plus() -> None:
     x = torch.zeros(2, 3, 16, 16)
     w_plus = predict_starts(encoder, x, gen.latent_shape("w+"))
     assert w_plus.shape == (2, gen.num_ws, 32) and torch.equal(w_plus[:, 0], w_plus[:, -1])
+    larger = torch.nn.functional.interpolate(
+        x + 0.5, scale_factor=2.0
+    )  # a larger image: area-downsampled first
+    assert torch.allclose(
+        predict_starts(encoder, larger, (32,)), predict_starts(encoder, x + 0.5, (32,)), atol=1e-5
+    )
 
 
 def test_registry_records_the_encoder_clears_calibration_and_projection_starts_from_it(
