@@ -344,7 +344,7 @@ def train_generator_encoder(
         "sha256": sha256_file(path),
         "space": space,
         "config": asdict(encoder.config),
-        "training": {k: v for k, v in asdict(training).items()},
+        "training": asdict(training),
         "report": report.to_dict(),
     }
     updated = set_encoder(settings, name, record, store=store)

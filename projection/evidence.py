@@ -14,7 +14,7 @@ import io
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -336,7 +336,7 @@ def project_images(
             detector = load_face_detector(settings)
         faces = [prepare_face(im, generator.resolution, detector=detector) for im in images]
         if steps is not None:
-            config = config or projection_config(info, steps=steps)
+            config = replace(config, steps=steps) if config else projection_config(info, steps=steps)
         return project_faces(
             settings, faces, generator_name, device=device, config=config, store=st, match_k=match_k
         )

@@ -243,7 +243,28 @@ def encoder_path(settings: Settings, name: str) -> Path:
     return generators_dir(settings) / f"{name}.encoder.safetensors"
 
 
-_ENCODERS: dict[tuple[str, str, str], Any] = {}
+_CACHE: dict[tuple[str, str, str], Any] = {}  # generators and encoders by (file, sha256, device)
+_CACHE_LOCK = threading.Lock()
+
+
+def _load_verified(
+    path: Path, sha256: str, device: str | torch.device, load: Any, *, what: str, missing: str, changed: str
+) -> Any:
+    """``load(path)`` once per (file, sha256, device), after checking the file's SHA-256 is the recorded one."""
+    if not path.is_file():
+        raise ModelUnavailableError(f"{what} {path} does not exist; {missing}")
+    key = (str(path), sha256, str(torch.device(device)))
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise ModelUnavailableError(
+                f"{what} {path} has sha256 {actual[:12]}, the registry recorded {sha256[:12]}; the file changed "
+                f"after {changed}"
+            )
+        _CACHE[key] = load(path)
+        return _CACHE[key]
 
 
 def load_encoder_of(info: GeneratorInfo, *, device: str | torch.device = "cpu") -> Any | None:
@@ -253,28 +274,12 @@ def load_encoder_of(info: GeneratorInfo, *, device: str | torch.device = "cpu") 
 
     if not info.encoder:
         return None
-    path, sha = Path(str(info.encoder["path"])), str(info.encoder["sha256"])
-    key = (str(path), sha, str(torch.device(device)))
-    with _CACHE_LOCK:
-        if key in _ENCODERS:
-            return _ENCODERS[key]
-        if not path.is_file():
-            raise ModelUnavailableError(
-                f"generator {info.name!r}: latent encoder {path} is missing; train it again with "
-                f"`sleuth generators train-encoder {info.name}`"
-            )
-        actual = sha256_file(path)
-        if actual != sha:
-            raise ModelUnavailableError(
-                f"generator {info.name!r}: latent encoder {path} has sha256 {actual[:12]}, the registry recorded "
-                f"{sha[:12]}; the file changed after training"
-            )
-        _ENCODERS[key] = load_encoder(path, device=device)
-        return _ENCODERS[key]
-
-
-_CACHE: dict[tuple[str, str, str], Generator] = {}
-_CACHE_LOCK = threading.Lock()
+    return _load_verified(
+        Path(str(info.encoder["path"])), str(info.encoder["sha256"]), device,
+        lambda p: load_encoder(p, device=device),
+        what=f"generator {info.name!r}: latent encoder",
+        missing=f"train it again with `sleuth generators train-encoder {info.name}`", changed="training",
+    )  # fmt: skip
 
 
 def load_generator(
@@ -286,23 +291,9 @@ def load_generator(
     generators are kept per (file, sha256, device) for the life of the process.
     """
     info = get_generator(settings, name, store=store)
-    path = Path(info.weights_path)
-    if not path.is_file():
-        raise ModelUnavailableError(
-            f"generator {name!r}: converted weights {path} are missing; register it again "
-            f"(source {info.source_path})"
-        )
-    key = (str(path), info.weights_sha256, str(torch.device(device)))
-    with _CACHE_LOCK:
-        cached = _CACHE.get(key)
-        if cached is not None:
-            return cached, info
-        actual = sha256_file(path)
-        if actual != info.weights_sha256:
-            raise ModelUnavailableError(
-                f"generator {name!r}: {path} has sha256 {actual[:12]}, the registry recorded "
-                f"{info.weights_sha256[:12]}; the file changed after registration"
-            )
-        generator = load_safetensors(path).to(device)
-        _CACHE[key] = generator
+    generator = _load_verified(
+        Path(info.weights_path), info.weights_sha256, device, lambda p: load_safetensors(p).to(device),
+        what=f"generator {name!r}: converted weights",
+        missing=f"register it again (source {info.source_path})", changed="registration",
+    )  # fmt: skip
     return generator, info

@@ -161,6 +161,6 @@ def test_registry_records_the_encoder_clears_calibration_and_projection_starts_f
     (ev,) = project_images(settings, [made], "tiny", match_k=0)
     assert ev.start_index == 1 and ev.lpips < 0.05  # the fast setting with an encoder: its start alone
     path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)  # changed after training
-    registry._ENCODERS.clear()  # loaded encoders are kept per (file, sha256) for the life of the process
+    registry._CACHE.clear()  # loaded models are kept per (file, sha256) for the life of the process
     with pytest.raises(ModelUnavailableError, match="changed after training"):
         project_images(settings, [made], "tiny", match_k=0)
