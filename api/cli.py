@@ -6,22 +6,26 @@ Every command that prints results takes ``--json`` and then writes one JSON docu
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import asdict
-from functools import wraps
-from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from indexer.errors import SleuthError
-from indexer.settings import Settings
+from api.cli_options import (
+    ClipOpt,
+    DataDirOpt,
+    JsonOpt,
+    handles_errors,
+    load_clip,
+    load_face_detector,
+    out,
+    print_json,
+    settings_for,
+)
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -34,54 +38,6 @@ models_app = typer.Typer(no_args_is_help=True, help="List and check the configur
 app.add_typer(index_app, name="index")
 app.add_typer(models_app, name="models")
 
-err = Console(stderr=True)
-out = Console()
-F = TypeVar("F", bound=Callable[..., Any])
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document to stdout and nothing else")]
-ClipOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--clip-model", help="CLIP model id (overrides SLEUTH_CLIP_MODEL), e.g. onnx:/path/model.onnx"
-    ),
-]
-DataDirOpt = Annotated[
-    Path | None, typer.Option("--data-dir", help="data directory (overrides SLEUTH_DATA_DIR)")
-]
-
-
-def _settings(data_dir: Path | None = None, clip_model: str | None = None) -> Settings:
-    overrides: dict[str, Any] = {}
-    if data_dir is not None:
-        overrides["data_dir"] = data_dir
-    if clip_model is not None:
-        overrides["clip_model"] = clip_model
-    return Settings(**overrides)
-
-
-def handles_errors(fn: F) -> F:
-    """Turn library errors into one clear line on stderr and exit code 2, never a traceback."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except SleuthError as exc:
-            err.print(f"[bold red]error:[/] {exc}")
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print(
-                "[yellow]interrupted[/]: what was committed stays; run the same command again to resume"
-            )
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _print_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, default=str) + "\n")
-    sys.stdout.flush()
-
 
 @app.callback()
 def _main(
@@ -93,23 +49,6 @@ def _main(
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
-
-
-def load_clip(settings: Settings) -> Any:
-    """The configured CLIP embedder, or None when no model is configured (copy detection still works)."""
-    if not settings.clip_model:
-        return None
-    from indexer.embedders import load_embedder
-
-    return load_embedder(settings.clip_model, device=settings.device, batch_size=settings.batch_size)
-
-
-def load_face_detector(settings: Settings) -> Any:
-    if not settings.face_detector:
-        return None
-    from indexer.faces import FaceDetector
-
-    return FaceDetector.from_dir(settings.face_detector, device=settings.device)
 
 
 @app.command()
@@ -128,7 +67,7 @@ def ingest(
     """Ingest a crawled image set: resumable, idempotent, bad files skipped and recorded."""
     from indexer.ingest import ingest as run_ingest
 
-    settings = _settings(data_dir, clip_model)
+    settings = settings_for(data_dir, clip_model)
     embedder = load_clip(settings)
     detector = load_face_detector(settings)
     summary = run_ingest(
@@ -138,7 +77,7 @@ def ingest(
     if as_json:
         doc = asdict(summary)
         doc["images_per_s"] = summary.images_per_s
-        _print_json(doc)
+        print_json(doc)
     else:
         out.print(summary.line())
         if summary.failures:
@@ -152,9 +91,9 @@ def index_stats(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     """Counts of images, sightings, collections, failures and each index."""
     from indexer.stats import collect_stats
 
-    stats = collect_stats(_settings(data_dir))
+    stats = collect_stats(settings_for(data_dir))
     if as_json:
-        _print_json(stats)
+        print_json(stats)
         return
     table = Table(title=f"Sleuth store {stats['database']}")
     table.add_column("what")
@@ -177,12 +116,12 @@ def index_verify(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     from indexer.index_sync import verify_all
     from indexer.store.db import open_store
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     store = open_store(settings)
     reports = verify_all(store, settings.index_dir)
     ok = all(r.ok for r in reports)
     if as_json:
-        _print_json({"ok": ok, "indexes": [asdict(r) | {"ok": r.ok} for r in reports]})
+        print_json({"ok": ok, "indexes": [asdict(r) | {"ok": r.ok} for r in reports]})
     else:
         for r in reports:
             state = "[green]ok[/]" if r.ok else "[red]MISMATCH[/] " + "; ".join(r.problems)
@@ -200,12 +139,12 @@ def index_rebuild(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None
     from indexer.store.db import open_store
     from indexer.write_lock import write_lock
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     store = open_store(settings)
     with write_lock(settings.data_dir, purpose="index rebuild"):
         results = rebuild_all(store, settings.index_dir, threshold=settings.approx_index_threshold)
     if as_json:
-        _print_json({"rebuilt": [asdict(r) for r in results]})
+        print_json({"rebuilt": [asdict(r) for r in results]})
     else:
         for r in results:
             out.print(f"{r.name}: {r.count} vectors (build {r.build_id})")
@@ -217,9 +156,9 @@ def models_list(as_json: JsonOpt = False) -> None:
     """The model settings and what each points to."""
     from indexer.model_settings import configured_models
 
-    models = configured_models(_settings())
+    models = configured_models(settings_for())
     if as_json:
-        _print_json({"models": models})
+        print_json({"models": models})
         return
     for m in models:
         out.print(f"{m['role']:<14} {m['setting']:<22} {m['value'] or '(not set)'}")
@@ -231,10 +170,10 @@ def models_check(clip_model: ClipOpt = None, as_json: JsonOpt = False) -> None:
     """Load every configured model once and say whether it works (exit 1 if a configured one does not)."""
     from indexer.model_settings import check_models
 
-    results = check_models(_settings(clip_model=clip_model))
+    results = check_models(settings_for(clip_model=clip_model))
     ok = all(r["ok"] or not r["value"] for r in results)
     if as_json:
-        _print_json({"ok": ok, "models": results})
+        print_json({"ok": ok, "models": results})
     else:
         for r in results:
             state = "[green]ok[/]" if r["ok"] else ("not configured" if not r["value"] else "[red]FAILED[/]")
@@ -243,7 +182,7 @@ def models_check(clip_model: ClipOpt = None, as_json: JsonOpt = False) -> None:
         raise typer.Exit(1)
 
 
-from api.cli_search import demo, search  # noqa: E402  (the commands import the helpers above)
+from api.cli_search import demo, search  # noqa: E402  (the verbs, registered on the app)
 
 app.command("search")(search)
 app.command("demo")(demo)

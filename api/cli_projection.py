@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from api.cli import DataDirOpt, JsonOpt, _print_json, _settings, err, handles_errors, out
+from api.cli_options import DataDirOpt, DeviceOpt, JsonOpt, err, handles_errors, out, print_json, settings_for
 from indexer.errors import SourceError
 
 generators_app: typer.Typer = typer.Typer(
@@ -22,16 +22,13 @@ generators_app: typer.Typer = typer.Typer(
     help="Register, list, convert, train encoders for and calibrate generator checkpoints.",
 )
 
-DeviceOpt = Annotated[
-    str | None, typer.Option("--device", help="torch device (overrides SLEUTH_DEVICE): cpu, cuda, cuda:1")
-]
 StepsOpt = Annotated[
     int | None, typer.Option("--steps", min=1, help="projection step budget (default: the fast setting)")
 ]
 
 
 def _with_device(data_dir: Path | None, device: str | None) -> Any:
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     if device is not None:
         settings = settings.model_copy(update={"device": device})
     return settings
@@ -51,9 +48,9 @@ def generators_add(
     """Register a checkpoint: read safely (no code runs), converted once to safetensors, SHA-256s recorded."""
     from projection.registry import register_generator
 
-    info = register_generator(_settings(data_dir), name, path, family=family)
+    info = register_generator(settings_for(data_dir), name, path, family=family)
     if as_json:
-        _print_json(info.to_json())
+        print_json(info.to_json())
     else:
         out.print(
             f"registered [bold]{info.name}[/] ({info.family}, {info.resolution}x{info.resolution}) -> "
@@ -67,9 +64,9 @@ def generators_list(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> No
     """The registered generators with their checksums and calibration sample sizes."""
     from projection.registry import list_generators
 
-    infos = list_generators(_settings(data_dir))
+    infos = list_generators(settings_for(data_dir))
     if as_json:
-        _print_json({"generators": [i.to_json() for i in infos]})
+        print_json({"generators": [i.to_json() for i in infos]})
         return
     if not infos:
         out.print("no generators registered; add one with `sleuth generators add NAME PATH --family ...`")
@@ -95,7 +92,7 @@ def generators_convert(
 
     src_sha, dst_sha = convert_to_safetensors(src, dst)
     if as_json:
-        _print_json({"source": str(src), "source_sha256": src_sha, "path": str(dst), "sha256": dst_sha})
+        print_json({"source": str(src), "source_sha256": src_sha, "path": str(dst), "sha256": dst_sha})
     else:
         out.print(f"{src} (sha256 {src_sha}) -> {dst} (sha256 {dst_sha})")
 
@@ -127,7 +124,7 @@ def generators_train_encoder(
     training = TrainingConfig(samples=samples, epochs=epochs, seed=seed, holdout=min(500, samples // 10))
     info, report = train_generator_encoder(settings, name, training, progress=progress)
     if as_json:
-        _print_json({"generator": name, "encoder": info.encoder})
+        print_json({"generator": name, "encoder": info.encoder})
         return
     out.print(
         f"encoder for [bold]{name}[/] ({report.samples} samples, {report.epochs} epochs, {report.seconds:.0f}s): "
@@ -155,7 +152,7 @@ def generators_calibrate(
     cal = calibrate_generator(_with_device(data_dir, device), name, real, k=k, seed=seed, steps=steps)
     doc = cal.to_json()
     if as_json:
-        _print_json({"generator": name, **{k_: doc[k_] for k_ in ("method", "n_generated", "n_real", "auc")}})
+        print_json({"generator": name, **{k_: doc[k_] for k_ in ("method", "n_generated", "n_real", "auc")}})
         return
     gen, rl = sorted(cal.generated_lpips), sorted(cal.real_lpips)
     out.print(
@@ -199,7 +196,7 @@ def project(
         doc = ev.to_json(images="files", image_dir=out_dir, stem=_stem(i, path, generator))
         doc = {"image": str(path), "sha256": d.sha256, **doc}
         if as_json:
-            _print_json(doc)
+            print_json(doc)
             continue
         prob = ev.probability_generated
         verdict = (

@@ -13,17 +13,17 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from api.cli import (
+from api.cli_options import (
     ClipOpt,
     DataDirOpt,
     JsonOpt,
-    _print_json,
-    _settings,
     err,
     handles_errors,
     load_clip,
     load_face_detector,
     out,
+    print_json,
+    settings_for,
 )
 from indexer.errors import DecodeError, SleuthError
 from indexer.settings import Settings
@@ -103,7 +103,7 @@ def search(
     from indexer.decode import decode_file
     from search.query import Searcher, Thresholds, result_to_json
 
-    settings = _settings(data_dir, clip_model)
+    settings = settings_for(data_dir, clip_model)
     thresholds = Thresholds().with_overrides(
         pdq_max_distance=pdq_max_distance,
         clip_min_similarity=clip_min_similarity,
@@ -122,7 +122,7 @@ def search(
             except DecodeError as exc:
                 failed += 1
                 if as_json:
-                    _print_json(
+                    print_json(
                         {"query": {"path": str(path)}, "error": {"reason": exc.reason, "message": str(exc)}}
                     )
                 else:
@@ -131,7 +131,7 @@ def search(
             doc = result_to_json(searcher.search(decoded, k=k, thresholds=thresholds))
             doc["query"]["path"] = str(path)
             if as_json:
-                _print_json(doc)
+                print_json(doc)
             else:
                 print_result(doc, title=str(path))
     finally:
@@ -184,7 +184,7 @@ def demo(
     from indexer.ingest import ingest as run_ingest
     from search.query import Searcher, result_to_json
 
-    settings = _settings(data_dir, clip_model)
+    settings = settings_for(data_dir, clip_model)
     corpus = demo_corpus(settings)
     embedder = load_clip(settings)
     say = err.print if as_json else out.print
@@ -204,7 +204,7 @@ def demo(
         searcher.close()
     doc["query"]["path"] = str(query_path)
     if as_json:
-        _print_json({"ingest": asdict(summary), "search": doc})
+        print_json({"ingest": asdict(summary), "search": doc})
         return
     out.print("[bold]3. result[/]")
     print_result(doc, title=query_path.name)

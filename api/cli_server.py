@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from api import commands
-from api.cli import DataDirOpt, JsonOpt, _print_json, _settings, err, handles_errors, out
+from api.cli_options import DataDirOpt, JsonOpt, err, handles_errors, out, print_json, settings_for
 from indexer.store.api_models import SCOPES
 
 keys_app: typer.Typer = typer.Typer(no_args_is_help=True, help="API keys (stored hashed) and the audit log.")
@@ -32,7 +32,7 @@ def serve(
 ) -> None:
     """Run the API and web page (models and indexes load once; refuses default secrets outside development)."""
     _configure_logging(log_level)
-    commands.serve(host=host, port=port, settings=_settings(data_dir), log_level=log_level)
+    commands.serve(host=host, port=port, settings=settings_for(data_dir), log_level=log_level)
 
 
 @handles_errors
@@ -42,7 +42,7 @@ def worker(
 ) -> None:
     """Run jobs from the Redis queue (SLEUTH_JOB_QUEUE=redis://...) until interrupted."""
     _configure_logging("info")
-    ran = commands.worker(settings=_settings(data_dir), max_jobs=max_jobs)
+    ran = commands.worker(settings=settings_for(data_dir), max_jobs=max_jobs)
     err.print(f"worker stopped after {ran} job(s)")
 
 
@@ -55,9 +55,9 @@ def keys_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Make a key; the token is printed once and only its SHA-256 is stored."""
-    info, token = commands.keys_create(name, scope, settings=_settings(data_dir))
+    info, token = commands.keys_create(name, scope, settings=settings_for(data_dir))
     if as_json:
-        _print_json({"key": asdict(info), "token": token})
+        print_json({"key": asdict(info), "token": token})
         return
     out.print(f"created key {info.prefix} ({info.name}) with scope(s) {', '.join(info.scopes)}")
     out.print("token (shown once, store it now):")
@@ -68,9 +68,9 @@ def keys_create(
 @handles_errors
 def keys_list(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     """Every key: prefix, name, scopes, dates (never tokens)."""
-    keys = commands.keys_list(settings=_settings(data_dir))
+    keys = commands.keys_list(settings=settings_for(data_dir))
     if as_json:
-        _print_json({"keys": [asdict(k) for k in keys]})
+        print_json({"keys": [asdict(k) for k in keys]})
         return
     for k in keys:
         state = f"revoked {k.revoked_at}" if k.revoked_at else "active"
@@ -86,7 +86,7 @@ def keys_revoke(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Revoke a key: it stops working at once."""
-    info = commands.keys_revoke(prefix_or_name, settings=_settings(data_dir))
+    info = commands.keys_revoke(prefix_or_name, settings=settings_for(data_dir))
     out.print(f"revoked key {info.prefix} ({info.name})")
 
 
@@ -100,7 +100,7 @@ def audit_export(
     data_dir: DataDirOpt = None,
 ) -> None:
     """The audit log: every search (key id, time, query SHA-256, report id) and key/ingest actions."""
-    text = commands.audit_export(fmt, out=out_file, settings=_settings(data_dir))
+    text = commands.audit_export(fmt, out=out_file, settings=settings_for(data_dir))
     if out_file is None:
         sys.stdout.write(text)
     else:
