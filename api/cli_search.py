@@ -1,4 +1,4 @@
-"""``sleuth search`` and ``sleuth demo``: query images against the indexes and print ranked hits."""
+"""``sleuth search`` and ``sleuth demo``: query images against the indexes and print each verdict and its hits."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import io
 import shutil
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from api.cli_options import (
@@ -25,6 +27,7 @@ from api.cli_options import (
     print_json,
     settings_for,
 )
+from api.search_output import FORMATS, Sink, hit_row, with_verdict
 from indexer.errors import DecodeError, SleuthError
 from indexer.settings import Settings
 
@@ -40,46 +43,56 @@ def _query_files(inputs: list[Path]) -> Iterator[Path]:
             raise SleuthError(f"no such file or folder: {path}")
 
 
-def _short(value: Any, width: int) -> str:
-    text = "" if value is None else str(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _ingested(hit: dict[str, Any]) -> str:
+    """When the hit was ingested, for hits whose sightings claim no first-seen date."""
+    dates = sorted(str(x["ingested_at"])[:10] for x in hit.get("sightings") or [] if x.get("ingested_at"))
+    return f"{dates[0]} (ingested)" if dates else ""
 
 
-def print_result(doc: dict[str, Any], *, title: str) -> None:
-    """A readable ranked table of one query's hits, with the tiers that ran."""
+def print_result(doc: dict[str, Any], *, title: str, console: Console | None = None) -> None:
+    """The verdict of one query, then a table of its hits: match, score, why (with units), where and when."""
+    console = console or out
     query = doc["query"]
-    out.print(
-        f"[bold]{title}[/]  sha256 {query['sha256'][:16]}…  {query['width']}x{query['height']} {query['format']}"
-    )
+    if "sha256" in query:
+        facts = f"sha256 {query['sha256'][:16]}…  {query['width']}x{query['height']} {query['format']}"
+        console.print(f"[bold]{title}[/]  {facts}", highlight=False)
+    else:
+        console.print(f"[bold]{title}[/]", highlight=False)
     skipped = "; ".join(f"{k}: {v}" for k, v in doc.get("skipped_tiers", {}).items())
-    out.print(f"tiers: {', '.join(doc['tiers'])}" + (f"  (skipped {skipped})" if skipped else ""))
+    console.print(f"tiers: {', '.join(doc['tiers'])}" + (f"  (skipped {skipped})" if skipped else ""))
+    verdict = doc.get("verdict")
+    if verdict:
+        console.print(f"[bold]verdict ({verdict['kind']}):[/] {verdict['summary']}", highlight=False)
+        for reason in verdict["reasons"][1:]:
+            console.print(f"  - {reason}", highlight=False)
     if not doc["hits"]:
-        out.print("[yellow]no match[/]: nothing in the index is a copy of or similar to this image")
         return
     table = Table(show_lines=False)
-    for col in ("#", "match", "score", "evidence", "label", "first seen", "source"):
-        table.add_column(col, overflow="fold")
+    for col in ("#", "match", "score", "why", "collection", "first seen", "source", "image id"):
+        table.add_column(
+            col, overflow="fold", no_wrap=col in ("#", "match", "score", "first seen", "image id")
+        )
     for rank, hit in enumerate(doc["hits"], 1):
-        s = hit["scores"]
-        evidence = ", ".join(
-            f"{name} {s[key]}"
-            for key, name in (
-                ("pdq_distance", "pdq"), ("phash_distance", "phash"), ("clip_similarity", "clip"),
-                ("face_similarity", "face"), ("inliers", "inliers"),
-            )
-            if key in s
-        )  # fmt: skip
-        sightings = hit["sightings"]
-        claimed = [x["first_seen"] for x in sightings if x["first_seen"]]
-        ingested = [x["ingested_at"][:10] + " (ingested)" for x in sightings if x.get("ingested_at")]
-        first_seen = min(claimed, default=min(ingested, default=""))
-        source = sightings[0]["url"] or sightings[0]["source_key"] if sightings else ""
-        more = f" (+{len(sightings) - 1} more)" if len(sightings) > 1 else ""
+        row = hit_row(doc, hit, rank)
+        more = f" (+{row['sightings'] - 1} more)" if row["sightings"] > 1 else ""
         table.add_row(
-            str(rank), hit["match_class"], f"{hit['score']:.3f}", evidence, hit["label"] or "",
-            first_seen, _short(source, 60) + more,
+            str(rank), hit["match_class"].replace("_", " "), f"{hit['score']:.3f}", row["why"] or "-",
+            row["collection"] or "", row["first_seen"] or _ingested(hit), row["source_url"] + more,
+            str(hit["image_id"]),
         )  # fmt: skip
-    out.print(table)
+    console.print(table)
+
+
+FormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--format", help="table (default), jsonl (one JSON document per query) or csv (one row per hit)"
+    ),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", dir_okay=False, help="write the results to this file instead of stdout"),
+]
 
 
 @handles_errors
@@ -95,14 +108,20 @@ def search(
     min_inliers: Annotated[int | None, typer.Option(help="RANSAC inliers that verify a copy")] = None,
     face_min_similarity: Annotated[float | None, typer.Option(help="face cosine for a face match")] = None,
     verify_top: Annotated[int | None, typer.Option(min=0, help="candidates verified with RANSAC")] = None,
+    fmt: FormatOpt = "table",
+    out_file: OutOpt = None,
     clip_model: ClipOpt = None,
     data_dir: DataDirOpt = None,
-    as_json: JsonOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="the same as --format jsonl")] = False,
 ) -> None:
-    """Search one image, several, or folders; with --json one JSON document per line per query, in input order."""
-    from indexer.decode import decode_file
+    """Search one image, several, or folders: each query's verdict and its hits, in input order."""
+    from indexer.decode import decode_image, read_capped
     from search.query import Searcher, Thresholds, result_to_json
+    from search.report import query_facts
 
+    fmt = "jsonl" if as_json else fmt
+    if fmt not in FORMATS:
+        raise SleuthError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     settings = settings_for(data_dir, clip_model)
     thresholds = Thresholds().with_overrides(
         pdq_max_distance=pdq_max_distance,
@@ -111,33 +130,61 @@ def search(
         face_min_similarity=face_min_similarity,
         verify_top=verify_top,
     )
+    queries = list(_query_files(images))
     searcher = Searcher.open(
         settings, clip_model=load_clip(settings), face_detector=load_face_detector(settings)
     )
     failed = 0
     try:
-        for path in _query_files(images):
-            try:
-                decoded = decode_file(path, limits=settings.limits)
-            except DecodeError as exc:
-                failed += 1
-                if as_json:
-                    print_json(
-                        {"query": {"path": str(path)}, "error": {"reason": exc.reason, "message": str(exc)}}
-                    )
+        with _output(out_file) as stream:
+            sink = Sink(stream, fmt) if fmt != "table" else None
+            console = out if out_file is None else Console(file=stream, width=240, no_color=True)
+            for path in queries:
+                try:
+                    data = read_capped(path, settings.limits.max_bytes)
+                    decoded = decode_image(data, limits=settings.limits)
+                except DecodeError as exc:
+                    failed += 1
+                    error = {
+                        "query": {"path": str(path)},
+                        "error": {"reason": exc.reason, "message": str(exc)},
+                    }
+                    if sink is not None:
+                        sink.write(error)
+                    else:
+                        err.print(f"[red]{path}[/]: {exc}")
+                    continue
+                except OSError as exc:
+                    raise SleuthError(f"cannot read {path}: {exc.strerror or exc}") from exc
+                doc = result_to_json(searcher.search(decoded, k=k, thresholds=thresholds))
+                doc["query"]["path"] = str(path)
+                doc = with_verdict(doc, query_facts(decoded, data))
+                if sink is not None:
+                    sink.write(doc)
                 else:
-                    err.print(f"[red]{path}[/]: {exc}")
-                continue
-            doc = result_to_json(searcher.search(decoded, k=k, thresholds=thresholds))
-            doc["query"]["path"] = str(path)
-            if as_json:
-                print_json(doc)
-            else:
-                print_result(doc, title=str(path))
+                    print_result(doc, title=str(path), console=console)
     finally:
         searcher.close()
+    if out_file is not None:
+        err.print(f"wrote {len(queries)} quer{'y' if len(queries) == 1 else 'ies'} as {fmt} to {out_file}")
     if failed:
         raise typer.Exit(code=2)
+
+
+@contextmanager
+def _output(path: Path | None) -> Iterator[IO[str]]:
+    """``--out FILE`` (written whole or not at all: a temporary file renamed at the end), else stdout."""
+    if path is None:
+        yield sys.stdout
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8", newline="") as stream:
+            yield stream
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def make_modified_copy(original: Path, target: Path) -> None:

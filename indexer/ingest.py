@@ -96,6 +96,7 @@ class IngestSummary:
     run_id: int | None = None
     indexes: list[SyncResult] = field(default_factory=list)
     failure_reasons: dict[str, int] = field(default_factory=dict)
+    collections: list[str] = field(default_factory=list)  # every collection written (manifest column or flag)
 
     @property
     def images_per_s(self) -> float:
@@ -103,10 +104,11 @@ class IngestSummary:
         return processed / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
+        into = f"; collections: {', '.join(self.collections)}" if len(self.collections) > 1 else ""
         return (
             f"{self.items} items: {self.new} new, {self.duplicates} duplicates, {self.skipped} already ingested, "
             f"{self.failures} failures in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s); "
-            f"tiers: {', '.join(self.tiers)}"
+            f"tiers: {', '.join(self.tiers)}{into}"
         )
 
 
@@ -155,6 +157,40 @@ def _collection_id(store: Store, name: str) -> int:
         return int(row.id)
 
 
+class _Collections:
+    """The collection of each item: the manifest's ``collection`` column, else the one the run was given.
+
+    Ids are created on first use and cached, as are the source keys each collection already holds (so a resumed
+    run skips them per collection)."""
+
+    def __init__(self, store: Store, default: str) -> None:
+        self.store, self.default = store, default
+        self._ids: dict[str, int] = {}
+        self._done: dict[int, set[str]] = {}
+        self.default_id = self.id_of(default)
+
+    def id_of(self, name: str) -> int:
+        if name not in self._ids:
+            self._ids[name] = _collection_id(self.store, name)
+        return self._ids[name]
+
+    def of(self, item: SourceItem) -> int:
+        return self.id_of(item.collection or self.default)
+
+    def done(self, item: SourceItem) -> bool:
+        collection_id = self.of(item)
+        if collection_id not in self._done:
+            self._done[collection_id] = _done_keys(self.store, collection_id)
+        return item.key in self._done[collection_id]
+
+    def mark_done(self, item: SourceItem) -> None:
+        self._done.setdefault(self.of(item), set()).add(item.key)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._ids)
+
+
 def _done_keys(store: Store, collection_id: int) -> set[str]:
     with store.session() as s:
         seen = s.execute(select(Sighting.source_key).where(Sighting.collection_id == collection_id)).scalars()
@@ -170,7 +206,7 @@ class _Writer:
     def __init__(
         self,
         store: Store,
-        collection_id: int,
+        collections: _Collections,
         *,
         label: str | None,
         generator: str | None,
@@ -178,7 +214,7 @@ class _Writer:
         face_detector: FaceDetector | None,
         summary: IngestSummary,
     ) -> None:
-        self.store, self.collection_id = store, collection_id
+        self.store, self.collections = store, collections
         self.label, self.generator = label, generator
         self.embedder, self.face_detector = embedder, face_detector
         self.summary = summary
@@ -262,7 +298,7 @@ class _Writer:
                     self.summary.failure_reasons[reason] = self.summary.failure_reasons.get(reason, 0) + 1
                     s.add(
                         IngestFailure(
-                            collection_id=self.collection_id,
+                            collection_id=self.collections.of(p.item),
                             source_key=p.item.key,
                             reason=reason,
                             detail=str(p.error)[:2000],
@@ -316,7 +352,7 @@ class _Writer:
     def _sighting_row(self, item: SourceItem, image_id: int) -> Sighting:
         return Sighting(
             image_id=image_id,
-            collection_id=self.collection_id,
+            collection_id=self.collections.of(item),
             source_key=item.key,
             url=item.url,
             page_url=item.page_url,
@@ -384,20 +420,22 @@ def ingest(
     try:
         with write_lock(settings.data_dir, purpose=f"ingest of {source} into {collection!r}"):
             sync_all(store, index_dir, threshold=threshold)  # repair what an interrupted run left behind
-            collection_id = _collection_id(store, collection)
-            done = _done_keys(store, collection_id)
+            collections = _Collections(store, collection)
             with store.session() as s:
-                run = IngestRun(source=str(source), collection_id=collection_id)
+                run = IngestRun(source=str(source), collection_id=collections.default_id)
                 s.add(run)
                 s.flush()
                 summary.run_id = int(run.id)
             writer = _Writer(
-                store, collection_id, label=label, generator=generator, embedder=embedder,
+                store, collections, label=label, generator=generator, embedder=embedder,
                 face_detector=face_detector, summary=summary,
             )  # fmt: skip
             status = "interrupted"
             try:
-                _run_batches(settings, source, done, writer, summary, progress, workers, on_batch, store)
+                _run_batches(
+                    settings, source, collections, writer, summary, progress, workers, on_batch, store
+                )
+                summary.collections = collections.names
                 summary.indexes = sync_all(store, index_dir, threshold=threshold, extra_specs=extra_specs)
                 status = "done"
             finally:
@@ -420,7 +458,7 @@ def ingest(
 def _run_batches(
     settings: Settings,
     source: str | Path,
-    done: set[str],
+    collections: _Collections,
     writer: _Writer,
     summary: IngestSummary,
     progress: bool,
@@ -436,11 +474,12 @@ def _run_batches(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for batch in _batched(iter_source(source, limits=settings.limits), settings.batch_size):
             summary.items += len(batch)
-            todo = [item for item in batch if item.key not in done]
+            todo = [item for item in batch if not collections.done(item)]
             summary.skipped += len(batch) - len(todo)
             prepared = list(pool.map(lambda it: _prepare(settings, it), todo))
             writer.write(prepared)
-            done.update(item.key for item in todo)
+            for item in todo:
+                collections.mark_done(item)
             bar.update(len(batch))
             bar.set_postfix(new=summary.new, dup=summary.duplicates, fail=summary.failures, refresh=False)
             if on_batch:

@@ -61,6 +61,9 @@ class Thresholds:
     clip_k: int = 20  # CLIP nearest neighbours taken as candidates
     clip_min_similarity: float = 0.85  # cosine: at or above, a hit is reported as visually similar
     face_min_similarity: float = 0.85  # cosine between aligned face embeddings
+    # Face identity model (SLEUTH_FACE_MODEL): Euclidean distance between unit face descriptors at or below
+    # which two faces are reported as the same person (benchmarks/face_identity.py measured it).
+    same_person_max_distance: float = 0.6
     verify_top: int = 10  # candidates verified with local features + RANSAC
     min_inliers: int = 25  # RANSAC inliers that make a verified copy
 

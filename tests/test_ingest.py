@@ -13,7 +13,7 @@ from indexer.index_sync import verify_all
 from indexer.ingest import ingest, thumbnail_path
 from indexer.settings import Settings
 from indexer.store.db import open_store
-from indexer.store.models import Embedding, Image, IngestFailure, Latent, Sighting
+from indexer.store.models import Collection, Embedding, Image, IngestFailure, Latent, Sighting
 from indexer.write_lock import write_lock
 from tests.image_zoo import build_zoo
 from tests.synthetic_images import synthetic_photo, write_corpus
@@ -182,3 +182,37 @@ def test_bad_label_is_refused_before_anything_is_written(settings: Settings, tmp
     write_corpus(tmp_path / "c", 1)
     with pytest.raises(SourceError, match="label"):
         ingest(tmp_path / "c", collection="c", settings=settings, label="fake")
+
+
+def test_manifest_collection_column_is_honoured_and_the_flag_is_the_default(
+    settings: Settings, tmp_path: Path
+) -> None:
+    folder = tmp_path / "crawl"
+    write_corpus(folder, 4)
+    rows = [
+        {"path": "img_00000.jpg", "collection": "tpdne"},
+        {"path": "img_00001.jpg", "collection": "stock-2021"},
+        {"path": "img_00002.jpg", "collection": "tpdne"},
+        {"path": "img_00003.jpg"},  # no collection: the --collection flag's
+        {"path": "img_00000.jpg", "collection": "stock-2021"},  # the same file seen in a second collection
+    ]
+    manifest = folder / "crawl.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    summary = ingest(manifest, collection="fallback", settings=settings)
+    assert (summary.new, summary.duplicates, summary.failures) == (4, 1, 0)
+    assert summary.collections == ["fallback", "stock-2021", "tpdne"]
+    assert "collections: fallback, stock-2021, tpdne" in summary.line()
+    store = open_store(settings)
+    with store.session() as s:
+        rows_by_collection = s.execute(
+            select(Collection.name, Sighting.source_key).join(
+                Collection, Collection.id == Sighting.collection_id
+            )
+        ).all()
+    placed = sorted((name, key) for name, key in rows_by_collection)
+    assert placed == [
+        ("fallback", "img_00003.jpg"), ("stock-2021", "img_00000.jpg"), ("stock-2021", "img_00001.jpg"),
+        ("tpdne", "img_00000.jpg"), ("tpdne", "img_00002.jpg"),
+    ]  # fmt: skip
+    again = ingest(manifest, collection="fallback", settings=settings)
+    assert (again.new, again.skipped) == (0, 5), "a re-run skips every row in its own collection"
