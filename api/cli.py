@@ -6,6 +6,7 @@ Every command that prints results takes ``--json`` and then writes one JSON docu
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ from rich.table import Table
 from api.cli_options import (
     ClipOpt,
     DataDirOpt,
+    FaceDetectorOpt,
     JsonOpt,
     handles_errors,
     load_clip,
@@ -27,10 +29,13 @@ from api.cli_options import (
     settings_for,
 )
 
+# Plain (click-layout) help: typer 0.29's rich help panels print a value type for every option, flags included
+# (`--json <bool>`, `--help <bool>`), though a flag takes no value; the plain layout shows flags as flags.
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
     help="Sleuth: where does this image come from?",
 )
 index_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and repair the vector indexes.")
@@ -39,9 +44,25 @@ app.add_typer(index_app, name="index")
 app.add_typer(models_app, name="models")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from search.report import code_version
+
+        try:
+            package = f"sleuth {importlib.metadata.version('sleuth')}"
+        except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+            package = "sleuth (not installed)"
+        out.print(f"{package} ({code_version()})", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log debug detail to stderr")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+    ] = False,
 ) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(
@@ -61,13 +82,14 @@ def ingest(
     label: Annotated[str | None, typer.Option(help="generated, stock, real or unknown")] = None,
     generator: Annotated[str | None, typer.Option(help="generator name for generated images")] = None,
     clip_model: ClipOpt = None,
+    face_detector: FaceDetectorOpt = None,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest a crawled image set: resumable, idempotent, bad files skipped and recorded."""
     from indexer.ingest import ingest as run_ingest
 
-    settings = settings_for(data_dir, clip_model)
+    settings = settings_for(data_dir, clip_model, face_detector=face_detector)
     embedder = load_clip(settings)
     detector = load_face_detector(settings)
     summary = run_ingest(
@@ -166,11 +188,13 @@ def models_list(as_json: JsonOpt = False) -> None:
 
 @models_app.command("check")
 @handles_errors
-def models_check(clip_model: ClipOpt = None, as_json: JsonOpt = False) -> None:
+def models_check(
+    clip_model: ClipOpt = None, face_detector: FaceDetectorOpt = None, as_json: JsonOpt = False
+) -> None:
     """Load every configured model once and say whether it works (exit 1 if a configured one does not)."""
     from indexer.model_settings import check_models
 
-    results = check_models(settings_for(clip_model=clip_model))
+    results = check_models(settings_for(clip_model=clip_model, face_detector=face_detector))
     ok = all(r["ok"] or not r["value"] for r in results)
     if as_json:
         print_json({"ok": ok, "models": results})

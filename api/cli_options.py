@@ -33,13 +33,25 @@ ClipOpt = Annotated[
 DataDirOpt = Annotated[
     Path | None, typer.Option("--data-dir", help="data directory (overrides SLEUTH_DATA_DIR)")
 ]
+FaceDetectorOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--face-detector",
+        file_okay=False,
+        help="folder with MTCNN's pnet.pt, rnet.pt, onet.pt (overrides SLEUTH_FACE_DETECTOR)",
+    ),
+]
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="torch device (overrides SLEUTH_DEVICE): cpu, cuda, cuda:1")
 ]
 
 
 def settings_for(
-    data_dir: Path | None = None, clip_model: str | None = None, *, device: str | None = None
+    data_dir: Path | None = None,
+    clip_model: str | None = None,
+    *,
+    device: str | None = None,
+    face_detector: Path | None = None,
 ) -> Settings:
     """``Settings`` from the environment with the command line's overrides."""
     overrides: dict[str, Any] = {}
@@ -49,6 +61,8 @@ def settings_for(
         overrides["clip_model"] = clip_model
     if device is not None:
         overrides["device"] = device
+    if face_detector is not None:
+        overrides["face_detector"] = face_detector
     return Settings(**overrides)
 
 

@@ -8,13 +8,25 @@ registered on the main app at the end of ``api/cli.py``. Library errors end the 
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from tqdm import tqdm
 
-from api.cli_options import DataDirOpt, DeviceOpt, JsonOpt, err, handles_errors, out, print_json, settings_for
+from api.cli_options import (
+    DataDirOpt,
+    DeviceOpt,
+    FaceDetectorOpt,
+    JsonOpt,
+    err,
+    handles_errors,
+    out,
+    print_json,
+    settings_for,
+)
 from indexer.errors import SourceError
 
 generators_app: typer.Typer = typer.Typer(
@@ -114,15 +126,10 @@ def generators_train_encoder(
     calibration, which must then be made again with `calibrate`."""
     from projection.encoder import TrainingConfig, train_generator_encoder
 
-    def progress(phase: str, done: int, total: int) -> None:
-        if phase == "sampling":
-            err.print(f"{'drawing' if done == 0 else 'drew'} {total} samples of {name}")
-        else:
-            err.print(f"epoch {done}/{total}")
-
     settings = _with_device(data_dir, device)
     training = TrainingConfig(samples=samples, epochs=epochs, seed=seed, holdout=min(500, samples // 10))
-    info, report = train_generator_encoder(settings, name, training, progress=progress)
+    with _PhaseBars({"sampling": f"drawing samples of {name}", "epoch": "training epochs"}) as bars:
+        info, report = train_generator_encoder(settings, name, training, progress=bars.update)
     if as_json:
         print_json({"generator": name, "encoder": info.encoder})
         return
@@ -161,6 +168,33 @@ def generators_calibrate(
     )
 
 
+class _PhaseBars:
+    """One tqdm bar per phase of a long job on stderr (hidden when stderr is not a terminal), fed by the
+    library's ``progress(phase, done, total)`` callbacks."""
+
+    def __init__(self, titles: dict[str, str]) -> None:
+        self.titles = titles
+        self.bars: dict[str, tqdm[Any]] = {}
+
+    def update(self, phase: str, done: int, total: int) -> None:
+        bar = self.bars.get(phase)
+        if bar is None:
+            bar = self.bars[phase] = tqdm(total=total, desc=self.titles.get(phase, phase), disable=None)
+        bar.update(done - bar.n)
+
+    def __enter__(self) -> _PhaseBars:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _step(bar: tqdm[Any], step: int, steps: int) -> None:
+    bar.total = steps
+    bar.update(step - bar.n)
+
+
 def _stem(index: int, path: Path, generator: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:60]
     return f"{index:03d}-{safe}-{generator}"
@@ -175,6 +209,7 @@ def project(
     ] = Path("projection-out"),
     steps: StepsOpt = None,
     device: DeviceOpt = None,
+    face_detector: FaceDetectorOpt = None,
     data_dir: DataDirOpt = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="one JSON document per image per line, in input order")
@@ -185,13 +220,20 @@ def project(
     from projection.evidence import project_images
 
     settings = _with_device(data_dir, device)
+    if face_detector is not None:
+        settings = settings.model_copy(update={"face_detector": face_detector})
     decoded = []
     for path in images:
         try:
             decoded.append(decode_file(path, limits=settings.limits))
         except OSError as exc:
             raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    evidence = project_images(settings, [d.image for d in decoded], generator, steps=steps)
+    evidence = []
+    for n, d in enumerate(decoded, 1):  # one image per projection batch: each gets its own seconds
+        with tqdm(desc=f"projecting {n}/{len(decoded)}", unit="step", disable=None, leave=False) as bar:
+            evidence += project_images(
+                settings, [d.image], generator, steps=steps, progress=partial(_step, bar)
+            )
     for i, (path, d, ev) in enumerate(zip(images, decoded, evidence, strict=True)):
         doc = ev.to_json(images="files", image_dir=out_dir, stem=_stem(i, path, generator))
         doc = {"image": str(path), "sha256": d.sha256, **doc}

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -18,6 +18,7 @@ from rich.table import Table
 from api.cli_options import (
     ClipOpt,
     DataDirOpt,
+    FaceDetectorOpt,
     JsonOpt,
     err,
     handles_errors,
@@ -27,7 +28,7 @@ from api.cli_options import (
     print_json,
     settings_for,
 )
-from api.search_output import FORMATS, Sink, hit_row, with_verdict
+from api.search_output import Sink, hit_row, with_verdict
 from indexer.errors import DecodeError, SleuthError
 from indexer.settings import Settings
 
@@ -84,10 +85,8 @@ def print_result(doc: dict[str, Any], *, title: str, console: Console | None = N
 
 
 FormatOpt = Annotated[
-    str,
-    typer.Option(
-        "--format", help="table (default), jsonl (one JSON document per query) or csv (one row per hit)"
-    ),
+    Literal["table", "jsonl", "csv"],
+    typer.Option("--format", help="table, jsonl (one JSON document per query) or csv (one row per hit)"),
 ]
 OutOpt = Annotated[
     Path | None,
@@ -111,6 +110,7 @@ def search(
     fmt: FormatOpt = "table",
     out_file: OutOpt = None,
     clip_model: ClipOpt = None,
+    face_detector: FaceDetectorOpt = None,
     data_dir: DataDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="the same as --format jsonl")] = False,
 ) -> None:
@@ -120,9 +120,7 @@ def search(
     from search.report import query_facts
 
     fmt = "jsonl" if as_json else fmt
-    if fmt not in FORMATS:
-        raise SleuthError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    settings = settings_for(data_dir, clip_model)
+    settings = settings_for(data_dir, clip_model, face_detector=face_detector)
     thresholds = Thresholds().with_overrides(
         pdq_max_distance=pdq_max_distance,
         clip_min_similarity=clip_min_similarity,

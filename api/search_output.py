@@ -15,7 +15,6 @@ from typing import IO, Any
 from search.explain import SCORE_COLUMNS, earliest_first_seen, earliest_sighting, source_of, why
 from search.report import QueryFacts, build_report
 
-FORMATS = ("table", "jsonl", "csv")
 CSV_COLUMNS = [
     "query", "query_sha256", "verdict", "verdict_summary", "rank", "match", "score", "why", "collection",
     "source_url", "page_url", "image_url", "first_seen", "image_id", "image_sha256", "label", "generator",

@@ -141,9 +141,15 @@ class EncoderReport:
 
 
 def generator_samples(
-    generator: Generator, space: str, training: TrainingConfig, *, chunk: int = 256
+    generator: Generator,
+    space: str,
+    training: TrainingConfig,
+    *,
+    chunk: int = 256,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``training.samples`` images (uint8 ``[N, 3, R, R]``, most perturbed) and their latents ``[N, D]``."""
+    """``training.samples`` images (uint8 ``[N, 3, R, R]``, most perturbed) and their latents ``[N, D]``;
+    ``progress(done)`` is called after each chunk of samples."""
     from projection.calibration import perturb
     from projection.evidence import to_image
 
@@ -167,6 +173,8 @@ def generator_samples(
                     im = im.resize((MAX_INPUT, MAX_INPUT), Image.Resampling.BOX)
                 images.append(np.asarray(im))
             latents.append(lat.flatten(1).cpu())
+            if progress:
+                progress(len(images))
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # [N, 3, R, R] uint8
     return pixels, torch.cat(latents).float()
 
@@ -205,9 +213,8 @@ def _train(
 ) -> tuple[LatentEncoder, EncoderReport]:
     if progress:
         progress("sampling", 0, training.samples)
-    pixels, latents = generator_samples(generator, space, training)
-    if progress:
-        progress("sampling", training.samples, training.samples)
+    on_chunk = None if progress is None else (lambda done: progress("sampling", done, training.samples))
+    pixels, latents = generator_samples(generator, space, training, progress=on_chunk)
     config = EncoderConfig(min(generator.resolution, MAX_INPUT), space, latents.shape[1], width=width)
     encoder = LatentEncoder(config).to(device)
     train_latents = latents[training.holdout :]

@@ -13,8 +13,9 @@ import base64
 import io
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +201,7 @@ def project_faces(
     match_k: int = 5,
     batch_size: int = 32,
     rerank_pool: int = 50,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Evidence]:
     """Project prepared faces (at the generator's resolution) into ``generator_name``; one ``Evidence`` each.
 
@@ -208,6 +210,7 @@ def project_faces(
     starts follow; the default config then uses it in place of the mean latent and the random search.
     Latent matches: the ``rerank_pool`` stored latents nearest in direction, re-ranked by how close their own
     image is to the face (``rerank_by_image``); the best ``match_k`` are kept.
+    ``progress(done, steps)`` is called after each optimisation step of each batch (done from 1).
     """
     device = device or settings.device
     own_store = store is None
@@ -242,9 +245,11 @@ def project_faces(
                 chunk_starts = [
                     torch.cat([predicted[i : i + 1], g.reshape(-1, *shape)]) for i, g in enumerate(given)
                 ]
+            on_step = None if progress is None else partial(_report_step, progress, config.steps)
             results += project(
-                generator, targets, lpips_model=lpips_model, config=config, starts=chunk_starts, device=device
-            )
+                generator, targets, lpips_model=lpips_model, config=config, starts=chunk_starts, device=device,
+                progress=on_step,
+            )  # fmt: skip
         matcher = LatentMatcher.open(settings, st, generator_name, results[0].space if results else "z")
         pool = max(match_k, rerank_pool) if match_k > 0 else 0
         matches = matcher.match(np.stack([r.latent.numpy() for r in results]), k=pool) if results else []
@@ -285,6 +290,10 @@ def project_faces(
     return out
 
 
+def _report_step(progress: Callable[[int, int], None], steps: int, step: int, _active_rows: int) -> None:
+    progress(step + 1, steps)  # the projector counts steps from 0
+
+
 def rerank_by_image(
     generator: Any, space: str, target: torch.Tensor, found: list[LatentMatch], matcher: LatentMatcher
 ) -> list[LatentMatch]:
@@ -320,6 +329,7 @@ def project_images(
     detector: Any | None = None,
     store: Store | None = None,
     match_k: int = 5,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Evidence]:
     """One ``Evidence`` per image, in input order: its face (see ``prepare_face``) projected into the generator.
 
@@ -338,8 +348,9 @@ def project_images(
         if steps is not None:
             config = replace(config, steps=steps) if config else projection_config(info, steps=steps)
         return project_faces(
-            settings, faces, generator_name, device=device, config=config, store=st, match_k=match_k
-        )
+            settings, faces, generator_name, device=device, config=config, store=st, match_k=match_k,
+            progress=progress,
+        )  # fmt: skip
     finally:
         if own_store:
             st.dispose()

@@ -76,3 +76,23 @@ def test_models_check_loads_a_local_open_clip_model(tmp_path: Path) -> None:
     assert clip["ok"] is True and "dim" in clip["message"]
     listed = _json(["models", "list", "--json"])
     assert {m["setting"] for m in listed["models"]} >= {"SLEUTH_CLIP_MODEL", "SLEUTH_FACE_DETECTOR"}
+
+
+def test_version_and_help_show_flags_as_flags() -> None:
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.stdout.startswith("sleuth ")
+    for args in (["search", "--help"], ["ingest", "--help"], ["index", "stats", "--help"], ["--help"]):
+        text = runner.invoke(app, args).stdout
+        assert "<bool>" not in text, f"a flag takes no value ({' '.join(args)})"
+    search_help = runner.invoke(app, ["search", "--help"]).stdout
+    assert "--json " in search_help and "--face-detector <dir>" in search_help
+    assert "--format <table|jsonl|csv>" in search_help
+
+
+def test_face_detector_option_overrides_the_setting(tmp_path: Path) -> None:
+    missing = tmp_path / "no-mtcnn"
+    missing.mkdir()
+    result = runner.invoke(app, ["models", "check", "--json", "--face-detector", str(missing)])
+    doc = json.loads(result.stdout)
+    faces = next(m for m in doc["models"] if m["role"] == "face_detector")
+    assert faces["value"] == str(missing) and faces["ok"] is False and "pnet" in faces["message"]

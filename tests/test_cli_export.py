@@ -106,4 +106,4 @@ def test_jsonl_to_a_file_and_a_bad_format_is_a_clear_error(tmp_path: Path) -> No
     docs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [d["hits"][0]["match_class"] for d in docs] == ["exact", "exact"]
     bad = runner.invoke(app, ["search", str(paths[0]), "--format", "xml", *data])
-    assert bad.exit_code == 2 and "--format must be one of table, jsonl, csv" in bad.output
+    assert bad.exit_code == 2 and "'xml' is not one of 'table', 'jsonl', 'csv'" in bad.output

@@ -89,6 +89,7 @@ def test_project_prints_one_json_line_per_image_in_input_order(env: Path) -> Non
         assert {"generator", "lpips", "probability_generated", "latent_matches", "steps", "seconds"} <= set(d)
         assert d["generator"] == "tiny" and d["probability_generated"] is None and d["steps"] > 0
         assert Path(d["reconstruction"]).is_file() and Path(d["difference"]).is_file()
+    assert len({d["seconds"] for d in docs}) == len(docs), "each image's own time, not the batch's repeated"
     assert docs[0]["lpips"] < 0.01 and docs[2]["lpips"] < 0.01
     assert docs[1]["lpips"] > 5 * max(docs[0]["lpips"], docs[2]["lpips"])
 

@@ -147,7 +147,14 @@ def test_registry_records_the_encoder_clears_calibration_and_projection_starts_f
     settings = Settings(data_dir=tmp_path / "data", lpips_weights=lpips_file)
     register_generator(settings, "tiny", tiny_dcgan_checkpoint(tmp_path / "g.pt"), family="dcgan")
     set_calibration(settings, "tiny", Calibration.fit([0.01, 0.02], [0.3, 0.4]).to_json())
-    info, report = train_generator_encoder(settings, "tiny", SMALL, width=16)
+    calls: list[tuple[str, int, int]] = []
+    info, report = train_generator_encoder(
+        settings, "tiny", SMALL, width=16, progress=lambda *call: calls.append(call)
+    )
+    sampling = [done for phase, done, _ in calls if phase == "sampling"]
+    assert sampling[0] == 0 and sampling[-1] == SMALL.samples and sampling == sorted(sampling)
+    assert len(sampling) > 2, "sampling reports after each chunk, not only at its start and end"
+    assert [done for phase, done, _ in calls if phase == "epoch"] == list(range(1, SMALL.epochs + 1))
     assert info.encoder is not None and info.calibration is None
     path = Path(info.encoder["path"])
     from projection.checkpoints import sha256_file
@@ -158,8 +165,10 @@ def test_registry_records_the_encoder_clears_calibration_and_projection_starts_f
     gen = DCGANGenerator.from_preset("tiny", seed=1)
     with torch.no_grad():
         made = to_image(gen.synthesize(gen.sample_z(1, seed=77), "z")[0])
-    (ev,) = project_images(settings, [made], "tiny", match_k=0)
+    steps: list[tuple[int, int]] = []
+    (ev,) = project_images(settings, [made], "tiny", match_k=0, progress=lambda *s: steps.append(s))
     assert ev.start_index == 1 and ev.lpips < 0.05  # the fast setting with an encoder: its start alone
+    assert steps and steps[-1][0] == steps[-1][1] == ev.steps, "progress reaches the last step"
     path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)  # changed after training
     registry._CACHE.clear()  # loaded models are kept per (file, sha256) for the life of the process
     with pytest.raises(ModelUnavailableError, match="changed after training"):
