@@ -17,6 +17,7 @@ from api.limits import BodySizeLimit
 from api.metrics import Metrics
 from api.ratelimit import RateLimiter, parse_rate
 from api.routes import router
+from api.routes_workflow import router as workflow_router
 from api.safety import check_startup_safety
 from api.settings import ApiSettings, get_api_settings
 from api.state import AppState, make_queue
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     app.middleware("http")(metrics.middleware)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.upload_max_bytes + MULTIPART_OVERHEAD)
     app.include_router(router)
+    app.include_router(workflow_router)
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=Path(__file__).with_name("static")), name="static")
     return app

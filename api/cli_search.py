@@ -96,7 +96,31 @@ OutOpt = Annotated[
 
 @handles_errors
 def search(
-    images: Annotated[list[Path], typer.Argument(help="image files and/or folders of images")],
+    images: Annotated[list[Path] | None, typer.Argument(help="image files and/or folders of images")] = None,
+    text: Annotated[
+        str | None, typer.Option("--text", help="search by a description in words (CLIP text tower)")
+    ] = None,
+    region: Annotated[
+        str | None,
+        typer.Option("--region", help="x,y,width,height: search only this rectangle of each image"),
+    ] = None,
+    collection: Annotated[
+        str | None, typer.Option("--collection", help="only hits seen in this collection")
+    ] = None,
+    label: Annotated[
+        Literal["generated", "stock", "real", "unknown"] | None,
+        typer.Option("--label", help="only hits with this label"),
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="only hits first seen on or after (YYYY-MM-DD)")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--until", help="only hits first seen on or before (YYYY-MM-DD)")
+    ] = None,
+    sort: Annotated[
+        Literal["relevance", "first_seen"],
+        typer.Option("--sort", help="relevance, or first_seen: oldest first"),
+    ] = "relevance",
     k: Annotated[int, typer.Option("--k", min=1, max=1000, help="hits per query")] = 10,
     pdq_max_distance: Annotated[
         int | None, typer.Option(help="PDQ near-duplicate threshold (bits of 256)")
@@ -114,11 +138,19 @@ def search(
     data_dir: DataDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="the same as --format jsonl")] = False,
 ) -> None:
-    """Search one image, several, or folders: each query's verdict and its hits, in input order."""
+    """Search images, folders of images or a text: each query's verdict and its hits, in input order."""
     from indexer.decode import decode_image, read_capped
+    from search.hit_filters import HitFilter
     from search.query import Searcher, Thresholds, result_to_json
+    from search.region import Region, crop_to_region
     from search.report import query_facts
 
+    if not images and text is None:
+        raise SleuthError("give image files or folders to search, or --text DESCRIPTION")
+    hit_filter = HitFilter(
+        collection=collection, label=label, first_seen_from=since, first_seen_to=until, sort=sort
+    )
+    box = Region.parse(region) if region is not None else None
     fmt = "jsonl" if as_json else fmt
     settings = settings_for(data_dir, clip_model, face_detector=face_detector)
     thresholds = Thresholds().with_overrides(
@@ -128,7 +160,7 @@ def search(
         face_min_similarity=face_min_similarity,
         verify_top=verify_top,
     )
-    queries = list(_query_files(images))
+    queries = list(_query_files(images or []))
     searcher = Searcher.open(
         settings, clip_model=load_clip(settings), face_detector=load_face_detector(settings)
     )
@@ -154,13 +186,28 @@ def search(
                     continue
                 except OSError as exc:
                     raise SleuthError(f"cannot read {path}: {exc.strerror or exc}") from exc
-                doc = result_to_json(searcher.search(decoded, k=k, thresholds=thresholds))
+                facts = query_facts(decoded, data)
+                if box is not None:
+                    whole = decoded
+                    decoded = crop_to_region(whole, box, limits=settings.limits)[0]
+                    facts = query_facts(decoded)
+                doc = result_to_json(searcher.search(decoded, k=k, thresholds=thresholds, filters=hit_filter))
                 doc["query"]["path"] = str(path)
-                doc = with_verdict(doc, query_facts(decoded, data))
+                if box is not None:
+                    doc["query"]["region"] = box.to_json(whole)
+                doc = with_verdict(doc, facts)
                 if sink is not None:
                     sink.write(doc)
                 else:
                     print_result(doc, title=str(path), console=console)
+            if text is not None:
+                doc = with_verdict(
+                    result_to_json(searcher.search_text(text, k=k, thresholds=thresholds, filters=hit_filter))
+                )
+                if sink is not None:
+                    sink.write(doc)
+                else:
+                    print_result(doc, title=f"text {text!r}", console=console)
     finally:
         searcher.close()
     if out_file is not None:

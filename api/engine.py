@@ -18,6 +18,7 @@ from api.settings import ApiSettings
 from indexer.decode import DecodedImage
 from indexer.settings import Settings
 from indexer.store.db import Store, open_store
+from search.hit_filters import HitFilter
 from search.query import Searcher, result_to_json
 
 log = logging.getLogger(__name__)
@@ -90,11 +91,26 @@ class Engine:
         self.reload()
         return True
 
-    def search(self, decoded: DecodedImage, *, k: int | None = None) -> dict[str, object]:
+    def search(
+        self, decoded: DecodedImage, *, k: int | None = None, filters: HitFilter | None = None
+    ) -> dict[str, object]:
         """Every search tier for ``decoded`` (``search.query``), as its JSON document."""
         self.maybe_reload()
         searcher = self.searcher
-        return dict(result_to_json(searcher.search(decoded, k=k or self.api_settings.search_k)))
+        return dict(
+            result_to_json(searcher.search(decoded, k=k or self.api_settings.search_k, filters=filters))
+        )
+
+    def search_text(
+        self, text: str, *, k: int | None = None, filters: HitFilter | None = None
+    ) -> dict[str, object]:
+        """The indexed images nearest to ``text`` by CLIP's text tower, as a search JSON document."""
+        self.maybe_reload()
+        return dict(
+            result_to_json(
+                self.searcher.search_text(text, k=k or self.api_settings.search_k, filters=filters)
+            )
+        )
 
     def refine(self, decoded: DecodedImage, base: dict[str, object]) -> dict[str, object]:
         """Projection evidence for the faces of ``decoded`` (the refine tier), merged into ``base``."""

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from api import audit, services
 from api.auth import require_admin, require_any, require_ingest, require_search
 from api.keys import KeyInfo
+from api.search_form import SearchForm, search_form
 from api.state import AppState
 from indexer.errors import ImageTooLargeError, NotFoundError
 from search.report import ProvenanceReport, render_html
@@ -131,10 +132,14 @@ async def create_search(
     request: Request, key: SearchKey,
     file: Annotated[UploadFile, File(description="the query image (any supported format; content is sniffed)")],
     refine: Annotated[bool, Form(description="also project faces into known generators (a job)")] = False,
+    search_form: Annotated[SearchForm, Depends(search_form)] = None,  # type: ignore[assignment]
 ) -> JSONResponse:  # fmt: skip
     state = _state(request)
     data = await _read_upload(file, state.settings.limits.upload_max_bytes)
-    report = await run_in_threadpool(services.run_search, state.engine, data, key_id=key.id, refine=refine)
+    filters, region = search_form.filters(), search_form.region_box()
+    report = await run_in_threadpool(
+        services.run_search, state.engine, data, key_id=key.id, refine=refine, filters=filters, region=region
+    )
     state.metrics.searches.labels(str(refine).lower()).inc()
     links = {
         "report_url": f"/v1/reports/{report.report_id}",

@@ -24,12 +24,27 @@ CSV_COLUMNS = [
 
 def with_verdict(doc: dict[str, Any], query: QueryFacts | None = None) -> dict[str, Any]:
     """``doc`` with the report's verdict (kind, summary, reasons) and each hit's ``why`` added."""
-    report = build_report(doc, report_id=f"cli-{doc['query']['sha256'][:16]}", query=query)
-    doc["verdict"] = report.verdict.model_dump(mode="json")
+    if "text" in doc["query"]:
+        doc["verdict"] = text_verdict(doc)
+    else:
+        report = build_report(doc, report_id=f"cli-{doc['query']['sha256'][:16]}", query=query)
+        doc["verdict"] = report.verdict.model_dump(mode="json")
     for hit in doc["hits"]:
         hit["why"] = why(hit, doc.get("thresholds"))
         hit["first_seen"] = earliest_first_seen(hit.get("sightings") or [])
     return doc
+
+
+def text_verdict(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """What a text query says: the nearest images by CLIP, which are look-alikes and never evidence of a copy."""
+    hits = doc["hits"]
+    text = doc["query"]["text"]
+    if not hits:
+        return {"kind": "no_match", "summary": f"No indexed image is near the text {text!r}.", "reasons": []}
+    cosines = [h["scores"]["clip_text_similarity"] for h in hits]
+    summary = (f"{len(hits)} indexed image(s) nearest to the text {text!r} by CLIP (text-image cosine "
+               f"{min(cosines):.3f} to {max(cosines):.3f}): look-alikes to inspect, not copies.")  # fmt: skip
+    return {"kind": "similar_only", "summary": summary, "reasons": [summary]}
 
 
 def hit_row(doc: Mapping[str, Any], hit: Mapping[str, Any], rank: int) -> dict[str, Any]:

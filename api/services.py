@@ -23,6 +23,8 @@ from indexer.ingest import IngestSummary, ingest, thumbnail_path
 from indexer.sources import iter_source, source_kind
 from indexer.store.api_models import Report
 from indexer.store.models import Collection, Image, Sighting
+from search.hit_filters import HitFilter
+from search.region import Region, crop_to_region
 from search.report import ProvenanceReport, QueryFacts, build_report, query_facts, save_query_thumbnail
 
 log = logging.getLogger(__name__)
@@ -40,17 +42,31 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 # --- searches and reports --------------------------------------------------------------------------
-def run_search(engine: Engine, data: bytes, *, key_id: int | None, refine: bool = False) -> ProvenanceReport:
-    """Decode, search the copy and similarity tiers, store the report, audit it; returns the report."""
+def run_search(
+    engine: Engine, data: bytes, *, key_id: int | None, refine: bool = False, filters: HitFilter | None = None,
+    region: Region | None = None,
+) -> ProvenanceReport:  # fmt: skip
+    """Decode, search the copy and similarity tiers, store the report, audit it; returns the report.
+
+    ``region``: search only this rectangle of the upload (``search.region``); ``filters`` narrow the hits."""
     started = time.perf_counter()
     decoded = decode_image(data, limits=engine.settings.limits)
+    facts = query_facts(decoded, data)
+    if region is not None:  # the region is the query; the upload's own metadata stays in the facts
+        whole = decoded
+        decoded, data = crop_to_region(whole, region, limits=engine.settings.limits)
+        facts = facts.model_copy(update={
+            "sha256": decoded.sha256, "format": decoded.format, "width": decoded.width, "height": decoded.height,
+            "num_bytes": decoded.num_bytes, "region": region.to_json(whole),
+        })  # fmt: skip
     decoded_at = time.perf_counter()
-    result = engine.search(decoded)
+    result = engine.search(decoded, filters=filters)
     report_id = str(uuid.uuid4())
+    created_at = dt.datetime.now(dt.UTC)  # kept to the microsecond in the row too: the history's order
     stored: dict[str, object] = {
         "report_id": report_id,
-        "created_at": dt.datetime.now(dt.UTC).isoformat(),
-        "query": query_facts(decoded, data).model_dump(mode="json"),
+        "created_at": created_at.isoformat(),
+        "query": facts.model_dump(mode="json"),
         "result": result,
         "searcher": engine.searcher_kind,
         "timings_ms": {
@@ -61,7 +77,8 @@ def run_search(engine: Engine, data: bytes, *, key_id: int | None, refine: bool 
     status = "refining" if refine else "done"
     save_query_thumbnail(engine.settings, decoded)
     with engine.store.session() as s:
-        s.add(Report(id=report_id, key_id=key_id, query_sha256=decoded.sha256, status=status, report=stored))
+        s.add(Report(id=report_id, key_id=key_id, query_sha256=decoded.sha256, status=status, report=stored,
+                     created_at=created_at))  # fmt: skip
     hits = result.get("hits")
     audit.record(engine.store, "search", key_id=key_id, query_sha256=decoded.sha256, report_id=report_id,
                  detail={"refine": refine, "hits": len(hits) if isinstance(hits, list) else 0})  # fmt: skip

@@ -41,7 +41,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from indexer.errors import ModelUnavailableError
+from indexer.errors import ModelUnavailableError, UnsupportedQueryError
 
 logger = logging.getLogger(__name__)
 
@@ -318,6 +318,8 @@ class OpenClipEmbedder:
         weights_path: Path,
         device: str,
         batch_size: int,
+        model: Any | None = None,
+        tokenizer_name: str | None = None,
     ) -> None:
         self.model_id = model_id
         self.weights_sha256 = weights_sha256
@@ -328,6 +330,40 @@ class OpenClipEmbedder:
         self.device = device
         self.batch_size = batch_size
         self._visual = visual
+        self._model = model  # the whole CLIP, for its text tower (None: image tower only)
+        self._tokenizer_name = tokenizer_name
+        self._tokenizer: Any | None = None
+
+    @property
+    def has_text(self) -> bool:
+        return self._model is not None and hasattr(self._model, "encode_text")
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """``[N, dim]`` float32 unit embeddings of ``texts`` by the text tower (same space as the images)."""
+        import torch
+
+        if not self.has_text:
+            raise ModelUnavailableError(f"CLIP model {self.model_id!r} was loaded without its text tower")
+        if self._tokenizer is None:
+            import open_clip
+
+            try:
+                self._tokenizer = open_clip.get_tokenizer(self._tokenizer_name or "")
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise ModelUnavailableError(
+                    f"CLIP model {self.model_id!r}: cannot load its tokenizer: {exc}"
+                ) from exc
+        assert self._model is not None
+        tokens = self._tokenizer(list(texts)).to(self.device)  # [N, context_length] int64
+        try:
+            with torch.inference_mode():
+                features = self._model.encode_text(tokens)  # [N, D]
+        except IndexError as exc:  # token ids past the text tower's vocabulary: tokenizer and model disagree
+            raise ModelUnavailableError(
+                f"CLIP model {self.model_id!r}: its tokenizer does not fit its text tower ({exc})"
+            ) from exc
+        assert features.shape == (len(texts), self.dim), features.shape
+        return _l2_normalise(features.float().cpu().numpy())
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         import torch
@@ -404,6 +440,8 @@ def _load_local_dir(model_id: str, folder: str, device: str, batch_size: int) ->
         weights_path=weights,
         device=device,
         batch_size=batch_size,
+        model=model,
+        tokenizer_name=f"local-dir:{root.resolve()}",
     )
 
 
@@ -522,6 +560,8 @@ def _load_open_clip_tag(model_id: str, spec: str, device: str, batch_size: int) 
         weights_path=weights,
         device=device,
         batch_size=batch_size,
+        model=model,
+        tokenizer_name=arch,
     )
 
 
@@ -688,6 +728,18 @@ def load_embedder(
     raise ModelUnavailableError(
         f"CLIP model {model_id!r}: {path} is neither an .onnx file nor an open_clip folder; {SETTING_HINT}"
     )
+
+
+def embed_text(embedder: ImageEmbedder, texts: Sequence[str]) -> np.ndarray:
+    """``[N, dim]`` unit text embeddings in the image space of ``embedder`` (CLIP's text tower).
+
+    Raises ``UnsupportedQueryError`` for a model without one (an image-tower ONNX export)."""
+    if not getattr(embedder, "has_text", False):
+        raise UnsupportedQueryError(
+            f"CLIP model {embedder.model_id!r} is an image tower only, so it cannot embed text: text queries "
+            f"need a model with its text tower (open_clip:ARCH/TAG or local-dir:/path; {SETTING_HINT})"
+        )
+    return embedder.embed_text(texts)  # type: ignore[attr-defined, no-any-return]
 
 
 def check_model(model_id: str, *, device: str = "cpu") -> ModelCheck:

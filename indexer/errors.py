@@ -52,6 +52,10 @@ class ModelUnavailableError(SleuthError):
     """A configured model cannot be loaded (missing file, offline hub, bad id)."""
 
 
+class UnsupportedQueryError(SleuthError):
+    """The configured models cannot answer this kind of query (a text query without a CLIP text tower)."""
+
+
 class UnsafeCheckpointError(SleuthError):
     """A checkpoint tried to execute code or reference a non-allowed global while being loaded."""
 

@@ -20,6 +20,7 @@ SCORE_COLUMNS = {
     "face_similarity": "face_cosine",
     "face_distance": "face_identity_distance",
     "inliers": "ransac_inliers",
+    "clip_text_similarity": "clip_text_cosine",
 }
 
 
@@ -60,6 +61,9 @@ def why(hit: Mapping[str, Any], thresholds: Mapping[str, Any] | None = None) -> 
     clip, clip_min = s.get("clip_similarity"), _threshold(thresholds, "clip_min_similarity")
     if isinstance(clip, int | float) and clip >= clip_min:
         reasons.append(f"CLIP cosine {clip:.3f} (≥ {clip_min}): looks alike")
+    text = s.get("clip_text_similarity")
+    if isinstance(text, int | float):
+        reasons.append(f"CLIP text-image cosine {text:.3f}: among the nearest to the text (no threshold)")
     face, face_min = s.get("face_similarity"), _threshold(thresholds, "face_min_similarity")
     if isinstance(face, int | float) and face >= face_min:
         reasons.append(f"face-crop CLIP cosine {face:.3f} (≥ {face_min}): a similar face, not an identity")

@@ -28,6 +28,7 @@ from sqlalchemy import select
 
 from indexer.decode import DecodedImage
 from indexer.embedders import ImageEmbedder
+from indexer.errors import SleuthError, UnsupportedQueryError
 from indexer.hashes import compute_hashes
 from indexer.index_sync import clip_spec, face_spec
 from indexer.ingest import thumbnail_path
@@ -36,6 +37,7 @@ from indexer.settings import Settings
 from indexer.store.db import Store, open_store
 from indexer.store.models import Collection, Face, Image, Sighting
 from indexer.vector_index import BinaryIndex, FloatIndex, load_index
+from search.hit_filters import HitFilter, filter_and_sort
 from search.verify import FeatureCache, LocalFeatures, Verification, Verifier
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,7 @@ class SearchResult:
     index_builds: dict[str, int | None]
     models: dict[str, Any]
     timings_ms: dict[str, float]
+    filters: dict[str, Any] = field(default_factory=dict)  # search.hit_filters.HitFilter, when one was given
 
 
 def result_to_json(result: SearchResult) -> dict[str, Any]:
@@ -196,9 +199,14 @@ class Searcher:
 
     # --- the query ---------------------------------------------------------------------------------
     def search(
-        self, decoded: DecodedImage, *, k: int = 10, thresholds: Thresholds | None = None
+        self,
+        decoded: DecodedImage,
+        *,
+        k: int = 10,
+        thresholds: Thresholds | None = None,
+        filters: HitFilter | None = None,
     ) -> SearchResult:
-        """Every tier for one decoded image; hits best first, at most ``k``."""
+        """Every tier for one decoded image; hits best first (or as ``filters`` sort them), at most ``k``."""
         t = thresholds or Thresholds()
         clock = _Clock()
         started = time.perf_counter()
@@ -253,8 +261,7 @@ class Searcher:
 
         ranked = [h for h in (_classify(h, exact, t) for h in hits.values()) if h is not None]
         ranked.sort(key=lambda h: (MATCH_CLASSES.index(h.match_class), -h.score, h.image_id))
-        ranked = ranked[:k]
-        self.attach_metadata(ranked, images)
+        ranked = self._cut(ranked, images, k, filters)
         clock.add("metadata", started)
 
         return SearchResult(
@@ -273,6 +280,7 @@ class Searcher:
             index_builds=self.index_builds,
             models=self.models(),
             timings_ms=clock.ms,
+            filters=filters.to_json() if filters is not None else {},
         )  # fmt: skip
 
     def models(self) -> dict[str, Any]:
@@ -282,6 +290,47 @@ class Searcher:
         if self.face_detector is not None:
             out["face_detector"] = {"model": "mtcnn", "path": str(self.settings.face_detector)}
         return out
+
+    def search_text(
+        self,
+        text: str,
+        *,
+        k: int = 10,
+        thresholds: Thresholds | None = None,
+        filters: HitFilter | None = None,
+    ) -> SearchResult:
+        """The indexed images nearest to ``text`` by CLIP (text tower against the image index), best first.
+
+        Text and image embeddings of CLIP are far apart in absolute terms (cosines of 0.2-0.35 for a good match),
+        so there is no threshold: the ``k`` nearest are reported as ``similar``, ranked by their cosine.
+        Raises ``UnsupportedQueryError`` without a CLIP model, a CLIP index or a text tower.
+        """
+        from indexer.embedders import embed_text
+
+        text = text.strip()
+        if not text:
+            raise SleuthError("a text query needs some text")
+        if self.embedder is None or self.clip is None:
+            raise UnsupportedQueryError(f"text queries need the CLIP tier: {self._skipped.get('clip')}")
+        t = thresholds or Thresholds()
+        clock = _Clock()
+        started = time.perf_counter()
+        vec = embed_text(self.embedder, [text])  # [1, dim], L2-normalised
+        started = clock.add("embed", started)
+        nearest = _knn(self.clip, vec, max(k, t.clip_k))
+        images = self.fetch_images(set(nearest))
+        hits = [
+            Hit(image_id=i, score=round(0.5 * min(max(sim, 0.0), 0.999), 4),
+                scores={"clip_text_similarity": round(sim, 4)})
+            for i, sim in sorted(nearest.items(), key=lambda kv: (-kv[1], kv[0])) if i in images
+        ]  # fmt: skip
+        hits = self._cut(hits, images, k, filters)
+        clock.add("search", started)
+        return SearchResult(
+            query={"text": text}, tiers=["clip_text"], skipped_tiers={}, hits=hits, faces=[],
+            thresholds=asdict(t), index_builds=self.index_builds, models=self.models(), timings_ms=clock.ms,
+            filters=filters.to_json() if filters is not None else {},
+        )  # fmt: skip
 
     # --- tiers ---------------------------------------------------------------------------------------
     def _embed(self, image: PILImage.Image) -> np.ndarray:
@@ -374,6 +423,16 @@ class Searcher:
             return {}
         with self.store.session() as s:
             return {i.id: i for i in s.execute(select(Image).where(Image.id.in_(ids))).scalars()}
+
+    def _cut(
+        self, ranked: list[Hit], images: dict[int, Image], k: int, filters: HitFilter | None
+    ) -> list[Hit]:
+        """The best ``k`` of ``ranked`` that pass ``filters`` (in their order), with their metadata attached."""
+        if filters is None:
+            self.attach_metadata(ranked[:k], images)
+            return ranked[:k]
+        self.attach_metadata(ranked, images)  # filters read the sightings: every hit needs them first
+        return filter_and_sort(ranked, filters)[:k]
 
     def attach_metadata(self, hits: list[Hit], images: dict[int, Image]) -> None:
         """Fill each hit's image facts and sightings (one query by image id)."""
@@ -476,6 +535,8 @@ def _verification_json(v: Verification) -> dict[str, Any]:
         "accepted": v.accepted, "inliers": v.inliers, "matches": v.matches,
         "inlier_ratio": round(v.inlier_ratio, 4), "scale": None if v.scale is None else round(v.scale, 4),
         "rotation_deg": None if v.rotation_deg is None else round(v.rotation_deg, 2), "mirrored": v.mirrored,
+        "transform": None if v.transform is None else [[round(x, 5) for x in row] for row in v.transform],
+        "inlier_pairs": v.inlier_pairs,
     }  # fmt: skip
 
 

@@ -66,6 +66,10 @@ class QueryFacts(BaseModel):
     embedded: EmbeddedMetadata = Field(default_factory=EmbeddedMetadata)
     exif: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, str] = Field(default_factory=dict, description="XMP fields, PNG text, C2PA, ICC")
+    region: dict[str, Any] | None = Field(
+        None,
+        description="a region query: x, y, width, height in the upload's pixels and the upload's SHA-256",
+    )
 
 
 class SightingOut(BaseModel):
@@ -403,7 +407,26 @@ def render_html(report: ProvenanceReport, *, settings: Settings) -> str:
         for i, p in enumerate(face.projections)
         for what in ("target", "reconstruction", "difference")
     }
+    query_thumb = _data_uri(query_thumbnail_path(settings, report.query.sha256))
     return _env.get_template("report.html").render(
         r=report, thumbs=thumbs, evidence=evidence, labels={c: c.replace("_", " ") for c in MATCH_CLASSES},
-        query_thumb=_data_uri(query_thumbnail_path(settings, report.query.sha256)),
+        query_thumb=query_thumb, **_workflow_context(report, thumbs, query_thumb),
     )  # fmt: skip
+
+
+# --- issue 12: evidence in words and the compare view of verified hits ----------------------------------
+def _workflow_context(
+    report: ProvenanceReport, thumbs: dict[int, str | None], query_thumb: str | None
+) -> dict[str, Any]:
+    """What the page adds to each hit: ``why`` (search.explain) and ``compare`` views (search.compare)."""
+    from search.compare import compare_views
+    from search.explain import why
+
+    hits = report.all_hits()
+    thresholds = report.reproducibility.thresholds
+    return {
+        "why": {h.image_id: why(h.model_dump(), thresholds) for h in hits},
+        "compare": compare_views(
+            hits, query_size=(report.query.width, report.query.height), query_uri=query_thumb, thumbs=thumbs
+        ),
+    }

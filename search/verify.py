@@ -92,6 +92,12 @@ class Verification:
     query_features: int = 0
     candidate_features: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+    # A spread sample of the RANSAC inliers as [query x, query y, candidate x, candidate y] in original pixels
+    # (what the report's compare view draws as lines), at most MAX_INLIER_PAIRS.
+    inlier_pairs: list[list[float]] = field(default_factory=list)
+
+
+MAX_INLIER_PAIRS = 40
 
 
 def to_gray(
@@ -255,6 +261,7 @@ class Verifier:
             scale=scale,
             rotation_deg=rotation,
             accepted=sane and inliers >= min_inliers,
+            inlier_pairs=_inlier_pairs(src, dst, mask, query, cand, mirrored) if sane else [],
             **base,  # type: ignore[arg-type]
         )
 
@@ -335,6 +342,25 @@ def _to_original(model: np.ndarray, query: LocalFeatures, cand: LocalFeatures, m
     from_work = np.diag([1.0 / cand.scale, 1.0 / cand.scale, 1.0])
     full = from_work @ np.vstack([model, [0.0, 0.0, 1.0]]) @ to_work
     return full[:2]
+
+
+def _inlier_pairs(
+    src: np.ndarray,
+    dst: np.ndarray,
+    mask: np.ndarray,
+    query: LocalFeatures,
+    cand: LocalFeatures,
+    mirrored: bool,
+) -> list[list[float]]:
+    """Up to MAX_INLIER_PAIRS inliers (evenly spread over them) as original-pixel [qx, qy, cx, cy] rows."""
+    idx = np.flatnonzero(mask.ravel())
+    if len(idx) > MAX_INLIER_PAIRS:
+        idx = idx[np.linspace(0, len(idx) - 1, MAX_INLIER_PAIRS).round().astype(int)]
+    q = src[idx].astype(np.float64)  # [p, 2] query working frame (of the mirror when mirrored)
+    if mirrored:
+        q[:, 0] = (query.size[0] - 1.0) - q[:, 0]
+    pairs = np.hstack([q / query.scale, dst[idx].astype(np.float64) / cand.scale])  # [p, 4]
+    return np.round(pairs, 1).tolist()
 
 
 _DEFAULT: Verifier | None = None

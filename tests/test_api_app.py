@@ -313,6 +313,8 @@ REQUIRED_SCOPE = {
     ("POST", "/v1/ingest-jobs"): "ingest", ("GET", "/v1/images/{image_id}"): "search",
     ("GET", "/v1/images/{image_id}/thumbnail"): "search", ("GET", "/v1/audit"): "admin",
     ("GET", "/metrics"): "admin", ("GET", "/healthz"): "public", ("GET", "/readyz"): "public",
+    ("GET", "/v1/reports"): "search", ("GET", "/v1/reports/{report_id}/query-thumbnail"): "search",
+    ("GET", "/v1/collections/{collection_id}/images"): "search", ("POST", "/v1/text-searches"): "search",
 }  # fmt: skip
 
 

@@ -107,3 +107,90 @@ def test_jsonl_to_a_file_and_a_bad_format_is_a_clear_error(tmp_path: Path) -> No
     assert [d["hits"][0]["match_class"] for d in docs] == ["exact", "exact"]
     bad = runner.invoke(app, ["search", str(paths[0]), "--format", "xml", *data])
     assert bad.exit_code == 2 and "'xml' is not one of 'table', 'jsonl', 'csv'" in bad.output
+
+
+def test_cli_filters_by_collection_label_and_date_and_sorts_oldest_first(tmp_path: Path) -> None:
+    paths, data = _indexed(tmp_path)
+    query = tmp_path / "q.jpg"
+    _modified_copy(paths[3], query)  # photo 3: collection tpdne, first seen 2021-04-14
+
+    def top(*args: str) -> list[dict]:
+        result = runner.invoke(app, ["search", str(query), "--json", *args, *data])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["hits"]
+
+    assert top()[0]["sightings"][0]["collection"] == "tpdne"
+    assert top("--collection", "stock-2021") == [], "the copy's only sighting is in tpdne"
+    assert (
+        top("--collection", "tpdne", "--since", "2021-04-01", "--until", "2021-04-30")[0]["first_seen"]
+        == "2021-04-14"
+    )
+    assert top("--until", "2021-03-31") == []
+    assert top("--label", "generated") == []
+    sorted_hits = top("--sort", "first_seen", "--verify-top", "0", "--clip-min-similarity", "-1")
+    dates = [h["first_seen"] for h in sorted_hits if h["first_seen"]]
+    assert dates == sorted(dates)
+    bad = runner.invoke(app, ["search", str(query), "--since", "last week", *data])
+    assert bad.exit_code == 2 and "ISO 8601" in bad.output
+
+
+def test_cli_region_searches_a_rectangle_of_a_composite(tmp_path: Path) -> None:
+    from PIL import Image
+
+    paths, data = _indexed(tmp_path)
+    canvas = Image.new("RGB", (1100, 600), (255, 255, 255))
+    canvas.paste(Image.open(paths[2]).convert("RGB"), (420, 60))  # 640x480 textured photo
+    composite = tmp_path / "composite.jpg"
+    canvas.save(composite, quality=90)
+    whole = runner.invoke(app, ["search", str(composite), "--json", *data])
+    part = runner.invoke(app, ["search", str(composite), "--region", "420,60,640,480", "--json", *data])
+    assert part.exit_code == 0, part.output
+    doc = json.loads(part.stdout)
+    assert doc["query"]["region"]["width"] == 640 and doc["query"]["width"] == 640
+    assert doc["hits"][0]["match_class"] == "near_duplicate"
+    assert doc["hits"][0]["sightings"][0]["source_key"] == paths[2].name
+    assert json.loads(whole.stdout)["query"]["width"] == 1100
+
+
+def test_text_query_uses_the_clip_text_tower_and_an_image_only_model_says_so(tmp_path: Path) -> None:
+    from tests.tiny_models import make_tiny_open_clip_dir
+
+    write_corpus(tmp_path / "corpus", 5)
+    with_text = make_tiny_open_clip_dir(tmp_path / "clip", text_vocab_size=49408)
+    data = ["--data-dir", str(tmp_path / "data"), "--clip-model", with_text]
+    assert runner.invoke(app, ["ingest", str(tmp_path / "corpus"), "-c", "web", *data]).exit_code == 0
+    result = runner.invoke(app, ["search", "--text", "a photo of a red square", "--k", "3", "--json", *data])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["query"] == {"text": "a photo of a red square"} and doc["tiers"] == ["clip_text"]
+    assert len(doc["hits"]) == 3 and all(h["match_class"] == "similar" for h in doc["hits"])
+    cosines = [h["scores"]["clip_text_similarity"] for h in doc["hits"]]
+    assert cosines == sorted(cosines, reverse=True)
+    assert doc["verdict"]["kind"] == "similar_only" and "not copies" in doc["verdict"]["summary"]
+    assert "text-image cosine" in doc["hits"][0]["why"][0]
+    image_only = make_tiny_open_clip_dir(
+        tmp_path / "clip-image-only"
+    )  # its text tower does not fit a tokenizer
+    other = ["--data-dir", str(tmp_path / "data2"), "--clip-model", image_only]
+    runner.invoke(app, ["ingest", str(tmp_path / "corpus"), "-c", "web", *other])
+    failed = runner.invoke(app, ["search", "--text", "a red square", *other])
+    assert failed.exit_code == 2 and "tokenizer does not fit its text tower" in failed.output
+    nothing = runner.invoke(app, ["search", *data])
+    assert nothing.exit_code == 2 and "--text" in nothing.output
+
+
+def test_an_onnx_image_tower_refuses_text_queries_by_name(tmp_path: Path) -> None:
+    from indexer.embedders import embed_text, load_embedder
+    from indexer.errors import UnsupportedQueryError
+    from tests.test_embedders import export_visual_to_onnx
+    from tests.tiny_models import make_tiny_open_clip_dir
+
+    torch_model = load_embedder(make_tiny_open_clip_dir(tmp_path / "clip"))
+    export_visual_to_onnx(torch_model, tmp_path / "tower.onnx")  # type: ignore[arg-type]
+    model = load_embedder(f"onnx:{tmp_path / 'tower.onnx'}")
+    try:
+        embed_text(model, ["a red car"])
+    except UnsupportedQueryError as exc:
+        assert "is an image tower only" in str(exc) and "open_clip:ARCH/TAG" in str(exc)
+    else:
+        raise AssertionError("an image-only ONNX model embedded text")

@@ -19,8 +19,11 @@ def tiny_open_clip_config(
     std: tuple[float, float, float] = OPENAI_STD,
     interpolation: str = "bicubic",
     resize_mode: str = "shortest",
+    text_vocab_size: int = 64,
 ) -> dict[str, Any]:
-    """``open_clip_config.json`` content of a tiny CLIP: ViT width 64, 2 layers, patch 8, embed dim 32."""
+    """``open_clip_config.json`` content of a tiny CLIP: ViT width 64, 2 layers, patch 8, embed dim 32.
+
+    ``text_vocab_size``: 49408 makes the text tower take open_clip's own tokenizer (for text queries)."""
     return {
         "model_cfg": {
             "embed_dim": TINY_EMBED_DIM,
@@ -31,7 +34,13 @@ def tiny_open_clip_config(
                 "head_width": 32,
                 "patch_size": 8,
             },
-            "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+            "text_cfg": {
+                "context_length": 8,
+                "vocab_size": text_vocab_size,
+                "width": 32,
+                "heads": 2,
+                "layers": 1,
+            },
         },
         "preprocess_cfg": {
             "mean": list(mean),
