@@ -20,10 +20,12 @@ from api.cli_options import (
     ClipOpt,
     DataDirOpt,
     FaceDetectorOpt,
+    FaceModelOpt,
     JsonOpt,
     handles_errors,
     load_clip,
     load_face_detector,
+    load_face_model,
     out,
     print_json,
     settings_for,
@@ -39,7 +41,7 @@ app = typer.Typer(
     help="Sleuth: where does this image come from?",
 )
 index_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and repair the vector indexes.")
-models_app = typer.Typer(no_args_is_help=True, help="List and check the configured models.")
+models_app = typer.Typer(no_args_is_help=True, help="List, check and pull (download) models.")
 app.add_typer(index_app, name="index")
 app.add_typer(models_app, name="models")
 
@@ -83,18 +85,20 @@ def ingest(
     generator: Annotated[str | None, typer.Option(help="generator name for generated images")] = None,
     clip_model: ClipOpt = None,
     face_detector: FaceDetectorOpt = None,
+    face_model: FaceModelOpt = None,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest a crawled image set: resumable, idempotent, bad files skipped and recorded."""
     from indexer.ingest import ingest as run_ingest
 
-    settings = settings_for(data_dir, clip_model, face_detector=face_detector)
+    settings = settings_for(data_dir, clip_model, face_detector=face_detector, face_model=face_model)
     embedder = load_clip(settings)
     detector = load_face_detector(settings)
     summary = run_ingest(
         source, collection=collection, settings=settings, label=label, generator=generator,
-        embedder=embedder, face_detector=detector, progress=not as_json and sys.stderr.isatty(),
+        embedder=embedder, face_detector=detector, face_model=load_face_model(settings),
+        progress=not as_json and sys.stderr.isatty(),
     )  # fmt: skip
     if as_json:
         doc = asdict(summary)
@@ -221,3 +225,7 @@ from api.cli_projection import generators_app, project  # noqa: E402
 
 app.add_typer(generators_app, name="generators")
 app.command("project")(project)
+
+from api.cli_models import pull as models_pull  # noqa: E402
+
+models_app.command("pull")(models_pull)

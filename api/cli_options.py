@@ -41,6 +41,12 @@ FaceDetectorOpt = Annotated[
         help="folder with MTCNN's pnet.pt, rnet.pt, onet.pt (overrides SLEUTH_FACE_DETECTOR)",
     ),
 ]
+FaceModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--face-model", help="face identity model id (overrides SLEUTH_FACE_MODEL), e.g. dlib:resnet-v1"
+    ),
+]
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="torch device (overrides SLEUTH_DEVICE): cpu, cuda, cuda:1")
 ]
@@ -52,6 +58,7 @@ def settings_for(
     *,
     device: str | None = None,
     face_detector: Path | None = None,
+    face_model: str | None = None,
 ) -> Settings:
     """``Settings`` from the environment with the command line's overrides."""
     overrides: dict[str, Any] = {}
@@ -63,6 +70,8 @@ def settings_for(
         overrides["device"] = device
     if face_detector is not None:
         overrides["face_detector"] = face_detector
+    if face_model is not None:
+        overrides["face_model"] = face_model
     return Settings(**overrides)
 
 
@@ -107,3 +116,12 @@ def load_face_detector(settings: Settings) -> Any:
     from indexer.faces import FaceDetector
 
     return FaceDetector.from_dir(settings.face_detector, device=settings.device)
+
+
+def load_face_model(settings: Settings) -> Any:
+    """The configured face identity model (``SLEUTH_FACE_MODEL``), or None (the face tier then uses CLIP)."""
+    if not settings.face_model:
+        return None
+    from indexer.face_identity import load_face_model as load
+
+    return load(settings.face_model)

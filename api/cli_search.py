@@ -19,11 +19,13 @@ from api.cli_options import (
     ClipOpt,
     DataDirOpt,
     FaceDetectorOpt,
+    FaceModelOpt,
     JsonOpt,
     err,
     handles_errors,
     load_clip,
     load_face_detector,
+    load_face_model,
     out,
     print_json,
     settings_for,
@@ -129,12 +131,18 @@ def search(
         float | None, typer.Option(help="CLIP cosine for the similar class")
     ] = None,
     min_inliers: Annotated[int | None, typer.Option(help="RANSAC inliers that verify a copy")] = None,
-    face_min_similarity: Annotated[float | None, typer.Option(help="face cosine for a face match")] = None,
+    face_min_similarity: Annotated[
+        float | None, typer.Option(help="face-crop CLIP cosine for a similar face (without a face model)")
+    ] = None,
+    same_person_max_distance: Annotated[
+        float | None, typer.Option(help="face identity distance (unit descriptors) for the same person")
+    ] = None,
     verify_top: Annotated[int | None, typer.Option(min=0, help="candidates verified with RANSAC")] = None,
     fmt: FormatOpt = "table",
     out_file: OutOpt = None,
     clip_model: ClipOpt = None,
     face_detector: FaceDetectorOpt = None,
+    face_model: FaceModelOpt = None,
     data_dir: DataDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="the same as --format jsonl")] = False,
 ) -> None:
@@ -152,18 +160,20 @@ def search(
     )
     box = Region.parse(region) if region is not None else None
     fmt = "jsonl" if as_json else fmt
-    settings = settings_for(data_dir, clip_model, face_detector=face_detector)
+    settings = settings_for(data_dir, clip_model, face_detector=face_detector, face_model=face_model)
     thresholds = Thresholds().with_overrides(
         pdq_max_distance=pdq_max_distance,
         clip_min_similarity=clip_min_similarity,
         min_inliers=min_inliers,
         face_min_similarity=face_min_similarity,
+        same_person_max_distance=same_person_max_distance,
         verify_top=verify_top,
     )
     queries = list(_query_files(images or []))
     searcher = Searcher.open(
-        settings, clip_model=load_clip(settings), face_detector=load_face_detector(settings)
-    )
+        settings, clip_model=load_clip(settings), face_detector=load_face_detector(settings),
+        face_model=load_face_model(settings),
+    )  # fmt: skip
     failed = 0
     try:
         with _output(out_file) as stream:

@@ -41,6 +41,15 @@ def load_face_detector(settings: Settings) -> Any:
     return FaceDetector.from_dir(settings.face_detector, device=settings.device)
 
 
+def load_face_model(settings: Settings) -> Any:
+    """The configured face identity model (``SLEUTH_FACE_MODEL``), or None (faces then go through CLIP)."""
+    if not settings.face_model:
+        return None
+    from indexer.face_identity import load_face_model as load
+
+    return load(settings.face_model)
+
+
 class Engine:
     """Models, store and searcher of one server (or worker) process; thread-safe searches."""
 
@@ -49,6 +58,7 @@ class Engine:
         self.store = store or open_store(settings)
         self.embedder = load_embedder(settings)
         self.face_detector = load_face_detector(settings)
+        self.face_model = load_face_model(settings)
         self._lock = threading.Lock()
         self._signature = self._index_signature()
         self._last_check = time.monotonic()
@@ -62,8 +72,9 @@ class Engine:
 
     def _open_searcher(self) -> Searcher:
         return Searcher.open(
-            self.settings, clip_model=self.embedder, face_detector=self.face_detector, store=self.store
-        )
+            self.settings, clip_model=self.embedder, face_detector=self.face_detector, store=self.store,
+            face_model=self.face_model,
+        )  # fmt: skip
 
     def _index_signature(self) -> tuple[tuple[str, int], ...]:
         folder = self.settings.index_dir

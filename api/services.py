@@ -200,7 +200,7 @@ def _ingest_with_wait(
         try:
             return ingest(
                 source, collection=collection, settings=engine.settings, embedder=engine.embedder,
-                face_detector=engine.face_detector, **kw,
+                face_detector=engine.face_detector, face_model=engine.face_model, **kw,
             )  # fmt: skip
         except IndexBusyError:
             if time.monotonic() >= deadline:

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from indexer.embedders import ImageEmbedder
+    from indexer.face_identity import FaceEmbedder
     from indexer.faces import FaceDetector
     from indexer.mtcnn import DetectedFace
 
@@ -212,11 +213,13 @@ class _Writer:
         generator: str | None,
         embedder: ImageEmbedder | None,
         face_detector: FaceDetector | None,
+        face_embedder: FaceEmbedder | None,
         summary: IngestSummary,
     ) -> None:
         self.store, self.collections = store, collections
         self.label, self.generator = label, generator
         self.embedder, self.face_detector = embedder, face_detector
+        self.face_embedder = face_embedder
         self.summary = summary
 
     def write(self, batch: list[_Prepared]) -> None:
@@ -277,7 +280,7 @@ class _Writer:
                             box=[float(v) for v in face.box],
                             landmarks=[[float(x), float(y)] for x, y in face.landmarks],
                             score=float(face.score),
-                            model_key=self.embedder.model_key if self.embedder else "",
+                            model_key=self.face_embedder.model_key if self.face_embedder else "",
                             vector=vec.astype(np.float32).tobytes(),
                         )
                     )
@@ -306,21 +309,20 @@ class _Writer:
                     )
 
     def _faces(self, new: list[_Prepared]) -> dict[str, list[tuple[DetectedFace, np.ndarray]]]:
-        if not (self.face_detector and self.embedder and new):
+        """The faces of the new images with their face-tier vectors (``indexer.face_identity``)."""
+        if not (self.face_detector and self.face_embedder and new):
             return {}
         from indexer.faces import describe_faces
 
         found: dict[str, list[tuple[DetectedFace, np.ndarray]]] = {}
-        crops, owners = [], []
         for p in new:
             assert p.decoded is not None
-            for face, crop in describe_faces(p.decoded.image, self.face_detector):
-                crops.append(crop)
-                owners.append((p.decoded.sha256, face))
-        if crops:
-            vecs = self.embedder.embed(crops)  # [n_faces, dim]
-            for (sha, face), vec in zip(owners, vecs, strict=True):
-                found.setdefault(sha, []).append((face, vec))
+            described = describe_faces(p.decoded.image, self.face_detector)
+            if described:
+                vecs = self.face_embedder.embed_faces(p.decoded.image, described)  # [n_faces, dim]
+                found[p.decoded.sha256] = [
+                    (face, vec) for (face, _), vec in zip(described, vecs, strict=True)
+                ]
         return found
 
     def _image_row(self, p: _Prepared) -> Image:
@@ -393,17 +395,26 @@ def ingest(
     generator: str | None = None,
     embedder: ImageEmbedder | None = None,
     face_detector: FaceDetector | None = None,
+    face_model: FaceEmbedder | None = None,
     progress: bool = False,
     workers: int = 2,
     on_batch: Callable[[IngestSummary], None] | None = None,
 ) -> IngestSummary:
-    """Ingest every item of ``source`` into ``collection``; safe to re-run and to resume after a crash."""
+    """Ingest every item of ``source`` into ``collection``; safe to re-run and to resume after a crash.
+
+    Faces (with ``face_detector``) are embedded by ``face_model`` (identity, ``indexer.face_identity``) when
+    given, else by CLIP on the aligned crop."""
+    from indexer.face_identity import face_embedder_for
+
     _validate_label(label)
     summary = IngestSummary(source=str(source), collection=collection)
     summary.tiers = ["sha256", "pdq", "phash"]
     summary.tiers.append(f"clip ({embedder.model_id})" if embedder else "clip skipped: no model configured")
-    if face_detector and embedder:
-        summary.tiers.append("faces")
+    face_embedder = face_embedder_for(face_model, embedder) if face_detector else None
+    if face_embedder is not None:
+        summary.tiers.append(
+            f"faces ({'identity' if face_embedder.identity else 'CLIP'}: {face_embedder.model_id})"
+        )
     store = open_store(settings)
     index_dir = settings.index_dir
     extra_specs = []
@@ -411,10 +422,15 @@ def ingest(
         extra_specs.append(
             clip_spec(embedder.model_key, embedder.dim, embedder.model_id, embedder.weights_sha256)
         )
-        if face_detector:
-            extra_specs.append(
-                face_spec(embedder.model_key, embedder.dim, embedder.model_id, embedder.weights_sha256)
+    if face_embedder is not None:
+        extra_specs.append(
+            face_spec(
+                face_embedder.model_key,
+                face_embedder.dim,
+                face_embedder.model_id,
+                face_embedder.weights_sha256,
             )
+        )
     threshold = settings.approx_index_threshold
     started = time.perf_counter()
     try:
@@ -428,7 +444,7 @@ def ingest(
                 summary.run_id = int(run.id)
             writer = _Writer(
                 store, collections, label=label, generator=generator, embedder=embedder,
-                face_detector=face_detector, summary=summary,
+                face_detector=face_detector, face_embedder=face_embedder, summary=summary,
             )  # fmt: skip
             status = "interrupted"
             try:

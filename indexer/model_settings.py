@@ -16,6 +16,7 @@ def configured_models(settings: Settings) -> list[dict[str, Any]]:
         {"role": "clip", "setting": "SLEUTH_CLIP_MODEL", "value": settings.clip_model},
         {"role": "face_detector", "setting": "SLEUTH_FACE_DETECTOR", "value": _str(settings.face_detector)},
         {"role": "lpips", "setting": "SLEUTH_LPIPS_WEIGHTS", "value": _str(settings.lpips_weights)},
+        {"role": "face_identity", "setting": "SLEUTH_FACE_MODEL", "value": settings.face_model},
     ]
 
 
@@ -55,8 +56,19 @@ def _check_lpips(settings: Settings) -> tuple[bool, str]:
     return bool(lin), f"{len(keys)} tensors ({len(lin)} LPIPS linear layers)"
 
 
+def _check_face_identity(settings: Settings) -> tuple[bool, str]:
+    from indexer.face_identity import load_face_model
+
+    assert settings.face_model
+    model = load_face_model(settings.face_model)
+    return True, f"{model.model_id}: dim {model.dim}, weights sha256 {model.weights_sha256[:12]}"
+
+
 def check_models(settings: Settings) -> list[dict[str, Any]]:
-    checks = {"clip": _check_clip, "face_detector": _check_faces, "lpips": _check_lpips}
+    checks = {
+        "clip": _check_clip, "face_detector": _check_faces, "lpips": _check_lpips,
+        "face_identity": _check_face_identity,
+    }  # fmt: skip
     results = []
     for model in configured_models(settings):
         entry = dict(model, ok=False, message="not configured")

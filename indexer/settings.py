@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         description="CLIP model id: open_clip:ARCH/TAG, local-dir:/path, onnx:/path/model.onnx or a file path",
     )
     face_detector: Path | None = Field(None, description="folder with MTCNN's pnet.pt, rnet.pt, onet.pt")
+    face_model: str | None = Field(
+        None, description="face identity model id, e.g. dlib:resnet-v1 (unset: CLIP on the face crop)"
+    )
     lpips_weights: Path | None = Field(None, description="LPIPS backbone + linear layers (safetensors)")
     device: str = Field("cpu", description="torch device for models: cpu, cuda, cuda:1")
     batch_size: int = Field(32, ge=1, description="images per embedding batch at ingest")
@@ -43,6 +46,16 @@ class Settings(BaseSettings):
     )
     environment: str = Field("development", description="development or production")
     limits: Limits = Field(default_factory=Limits)
+
+    @model_validator(mode="after")
+    def _pulled_models(self) -> Settings:
+        """Model settings the environment leaves unset default to what ``sleuth models pull`` fetched."""
+        from indexer.model_pull import pulled_settings
+
+        for name, value in pulled_settings(self.data_dir).items():
+            if getattr(self, name) is None:
+                setattr(self, name, Path(value) if name in ("face_detector", "lpips_weights") else value)
+        return self
 
     @property
     def resolved_database_url(self) -> str:

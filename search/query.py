@@ -29,6 +29,7 @@ from sqlalchemy import select
 from indexer.decode import DecodedImage
 from indexer.embedders import ImageEmbedder
 from indexer.errors import SleuthError, UnsupportedQueryError
+from indexer.face_identity import FaceEmbedder, face_embedder_for, identity_distance
 from indexer.hashes import compute_hashes
 from indexer.index_sync import clip_spec, face_spec
 from indexer.ingest import thumbnail_path
@@ -42,7 +43,7 @@ from search.verify import FeatureCache, LocalFeatures, Verification, Verifier
 
 log = logging.getLogger(__name__)
 
-MATCH_CLASSES = ("exact", "near_duplicate", "similar")
+MATCH_CLASSES = ("exact", "near_duplicate", "same_person", "similar")
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,10 @@ class Thresholds:
     clip_min_similarity: float = 0.85  # cosine: at or above, a hit is reported as visually similar
     face_min_similarity: float = 0.85  # cosine between aligned face embeddings
     # Face identity model (SLEUTH_FACE_MODEL): Euclidean distance between unit face descriptors at or below
-    # which two faces are reported as the same person (benchmarks/face_identity.py measured it).
-    same_person_max_distance: float = 0.6
+    # which two faces are reported as the same person (benchmarks/face_identity.py measured it; dlib's classic 0.6
+    # on its raw descriptors, whose norm is about 1.5, is about 0.4 here and calls different children and GAN faces
+    # the same person).
+    same_person_max_distance: float = 0.3
     verify_top: int = 10  # candidates verified with local features + RANSAC
     min_inliers: int = 25  # RANSAC inliers that make a verified copy
 
@@ -148,9 +151,11 @@ class Searcher:
         embedder: ImageEmbedder | None = None,
         face_detector: FaceDetector | None = None,
         verifier: Verifier | None = None,
+        face_model: FaceEmbedder | None = None,
     ) -> None:
         self.settings, self.store = settings, store
         self.embedder, self.face_detector = embedder, face_detector
+        self.face_embedder = face_embedder_for(face_model, embedder)
         self.verifier = verifier or Verifier()
         self.features = FeatureCache(settings.cache_dir / "local-features", self.verifier.config)
         self.pdq = _binary(settings.index_dir, "pdq")
@@ -166,13 +171,16 @@ class Searcher:
                 self._skipped["clip"] = (
                     f"no CLIP index for {embedder.model_id}: ingest with this model to build it"
                 )
-        if face_detector is None or embedder is None:
-            self._skipped["faces"] = "no face detector configured (SLEUTH_FACE_DETECTOR) or no CLIP model"
+        if face_detector is None or self.face_embedder is None:
+            self._skipped["faces"] = (
+                "no face detector configured (SLEUTH_FACE_DETECTOR) or no face model (SLEUTH_FACE_MODEL) or CLIP model"
+            )
         else:
-            self.faces_index = _float(settings.index_dir, face_spec(embedder.model_key, embedder.dim).name)
+            fe = self.face_embedder
+            self.faces_index = _float(settings.index_dir, face_spec(fe.model_key, fe.dim).name)
             if self.faces_index is None:
                 self._skipped["faces"] = (
-                    "no face index: ingest with a face detector and CLIP model to build it"
+                    f"no face index for {fe.model_id}: ingest with a face detector and this face model to build it"
                 )
 
     @classmethod
@@ -183,8 +191,12 @@ class Searcher:
         clip_model: ImageEmbedder | None = None,
         face_detector: FaceDetector | None = None,
         store: Store | None = None,
+        face_model: FaceEmbedder | None = None,
     ) -> Searcher:
-        return cls(settings, store or open_store(settings), embedder=clip_model, face_detector=face_detector)
+        return cls(
+            settings, store or open_store(settings), embedder=clip_model, face_detector=face_detector,
+            face_model=face_model,
+        )  # fmt: skip
 
     def close(self) -> None:
         self.store.dispose()
@@ -246,7 +258,10 @@ class Searcher:
             if image_id in clip:
                 hit.scores["clip_similarity"] = round(clip[image_id], 4)
             if image_id in face_hits:
-                hit.scores["face_similarity"] = round(face_hits[image_id], 4)
+                if self.face_embedder is not None and self.face_embedder.identity:
+                    hit.scores["face_distance"] = round(identity_distance(face_hits[image_id]), 4)
+                else:
+                    hit.scores["face_similarity"] = round(face_hits[image_id], 4)
 
         tiers.append("verify")
         ranks = _tier_ranks(
@@ -289,6 +304,10 @@ class Searcher:
             out["clip"] = {"model_id": self.embedder.model_id, "weights_sha256": self.embedder.weights_sha256}
         if self.face_detector is not None:
             out["face_detector"] = {"model": "mtcnn", "path": str(self.settings.face_detector)}
+        if self.face_embedder is not None and self.face_embedder.identity:
+            out["face_identity"] = {
+                "model_id": self.face_embedder.model_id, "weights_sha256": self.face_embedder.weights_sha256,
+            }  # fmt: skip
         return out
 
     def search_text(
@@ -339,14 +358,16 @@ class Searcher:
         return np.asarray(vec, dtype=np.float32).reshape(1, -1)
 
     def _faces(self, image: PILImage.Image, t: Thresholds) -> tuple[list[dict[str, Any]], dict[int, float]]:
-        """The query's faces and, per indexed image, the best face similarity at or above the threshold."""
+        """The query's faces and, per indexed image, the best face cosine that passes the face threshold: the
+        same-person distance for an identity model, the face-crop similarity for CLIP."""
         from indexer.faces import describe_faces
 
-        assert self.face_detector is not None and self.embedder is not None and self.faces_index is not None
+        fe = self.face_embedder
+        assert self.face_detector is not None and fe is not None and self.faces_index is not None
         found = describe_faces(image, self.face_detector)
         if not found:
             return [], {}
-        vecs = np.asarray(self.embedder.embed([crop for _, crop in found]), dtype=np.float32)  # [n, dim]
+        vecs = np.asarray(fe.embed_faces(image, found), dtype=np.float32)  # [n, dim]
         sims, face_ids = self.faces_index.search(vecs, t.clip_k)  # [n, k]
         wanted = {int(i) for i in face_ids.ravel() if i >= 0}
         with self.store.session() as s:
@@ -360,12 +381,17 @@ class Searcher:
         for n, (face, _) in enumerate(found):
             matches = []
             for sim, fid in zip(sims[n].tolist(), face_ids[n].tolist(), strict=True):
-                if fid < 0 or sim < t.face_min_similarity or fid not in owner:
+                if fid < 0 or fid not in owner or not _face_passes(fe.identity, sim, t):
                     continue
                 image_id = int(owner[fid])
-                matches.append(
-                    {"image_id": image_id, "face_id": int(fid), "similarity": round(float(sim), 4)}
-                )
+                match: dict[str, Any] = {
+                    "image_id": image_id,
+                    "face_id": int(fid),
+                    "similarity": round(float(sim), 4),
+                }
+                if fe.identity:
+                    match |= {"distance": round(identity_distance(sim), 4), "same_person": True}
+                matches.append(match)
                 best[image_id] = max(best.get(image_id, -1.0), float(sim))
             faces.append(
                 {
@@ -481,6 +507,13 @@ def _tier_ranks(
     return best
 
 
+def _face_passes(identity: bool, cosine: float, t: Thresholds) -> bool:
+    """An identity match within the same-person distance, or a face-crop look-alike at the similarity."""
+    if identity:
+        return identity_distance(cosine) <= t.same_person_max_distance
+    return cosine >= t.face_min_similarity
+
+
 def _prior(hit: Hit) -> tuple[float, int]:
     """Verification order: the candidate closest to the query in any tier first (distances scaled to [0, 1])."""
     s = hit.scores
@@ -489,6 +522,7 @@ def _prior(hit: Hit) -> tuple[float, int]:
         s.get("phash_distance", 64) / 64.0,
         1.0 - s.get("clip_similarity", 0.0),
         1.0 - s.get("face_similarity", 0.0),
+        s.get("face_distance", 2.0) / 2.0,
     )
     return (closeness, hit.image_id)
 
@@ -498,7 +532,9 @@ def classify_scores(
 ) -> tuple[str | None, float]:
     """The match class and fused score of one candidate from its per-tier scores (None: not reported).
 
-    Classes never interleave in the ranking: exact scores 1, near-duplicates (0.5, 1), similar hits [0, 0.5).
+    Classes never interleave in the ranking (hits are ordered by class, then score): exact scores 1,
+    near-duplicates (0.5, 1), same person (an identity face model within ``same_person_max_distance``) from
+    0.5 down to 0.25 as the distance grows, similar hits [0, 0.5).
     ``inliers`` counts as a verified copy at ``min_inliers`` or more.
     """
     if exact:
@@ -512,6 +548,9 @@ def classify_scores(
             1.0 - pdq / 64.0 if pdq is not None else 0.0,
         )
         return "near_duplicate", round(0.5 + 0.5 * min(max(confidence, 0.0), 0.999), 4)
+    distance = scores.get("face_distance")
+    if distance is not None and distance <= t.same_person_max_distance:  # a face-recognition model's call
+        return "same_person", round(0.5 * (1.0 - min(distance, 1.0) / 2.0), 4)
     clip = scores.get("clip_similarity", -1.0)
     face = scores.get("face_similarity", -1.0)
     if clip >= t.clip_min_similarity or face >= t.face_min_similarity:

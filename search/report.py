@@ -27,7 +27,7 @@ from indexer.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MATCH_CLASSES = ("exact", "near_duplicate", "similar")
+MATCH_CLASSES = ("exact", "near_duplicate", "same_person", "similar")
 GENERATED_P = 0.5  # p(generated) at or above which a face's projection counts as evidence of generation
 QUERY_THUMB_PX = 384
 MAX_INLINE_IMAGES = 40
@@ -125,7 +125,12 @@ class FaceOut(BaseModel):
 
 class Verdict(BaseModel):
     kind: Literal[
-        "copy_of_generated", "copy_of_known", "reprojects_into_generator", "similar_only", "no_match"
+        "copy_of_generated",
+        "copy_of_known",
+        "reprojects_into_generator",
+        "same_person",
+        "similar_only",
+        "no_match",
     ]
     summary: str = Field(description="the verdict in plain words")
     reasons: list[str] = Field(description="every piece of evidence behind it, strongest first")
@@ -316,18 +321,15 @@ def decide(hits: dict[str, list[HitOut]], faces: list[FaceOut]) -> Verdict:
             copies.append((kind, f"{words} {_known(hit)}{_where(hit)}{extra}."))
     copies.sort(key=lambda c: c[0] != "copy_of_generated")  # a known generated source is the stronger finding
     reprojects, other_faces = _face_reasons(faces)
-    similar = hits.get("similar", [])
-    similar_reason = []
-    if similar:
-        best = similar[0]
-        sim = best.scores.get("clip_similarity", best.score)
-        similar_reason.append(f"{len(similar)} visually similar image(s); the closest is image {best.image_id} "
-                              f"(similarity {_fmt(sim)}){_where(best)}.")  # fmt: skip
-    reasons = [c[1] for c in copies] + reprojects + similar_reason + other_faces
+    same_person = _same_person_reasons(hits.get("same_person", []))
+    similar_reason = _similar_reason(hits.get("similar", []))
+    reasons = [c[1] for c in copies] + reprojects + same_person + similar_reason + other_faces
     if copies:
         kind, summary = copies[0]
     elif reprojects:
         kind, summary = "reprojects_into_generator", reprojects[0]
+    elif same_person:
+        kind, summary = "same_person", same_person[0]
     elif similar_reason:
         kind, summary = "similar_only", "No copy found in the index. " + similar_reason[0]
     else:
@@ -336,6 +338,35 @@ def decide(hits: dict[str, list[HitOut]], faces: list[FaceOut]) -> Verdict:
     if not reasons:
         reasons = ["No exact, near-duplicate or similar image was found in the index."]
     return Verdict(kind=kind, summary=summary, reasons=reasons)  # type: ignore[arg-type]
+
+
+# --- issue 12: same-person and similar evidence, named by the score that decided it ----------------------
+def _same_person_reasons(hits: list[HitOut]) -> list[str]:
+    """One sentence per same-person hit (a face identity model's call), closest first, at most three."""
+    out = []
+    for hit in sorted(hits, key=lambda h: h.scores.get("face_distance", 9.0))[:3]:
+        out.append(f"A face in it is the same person as a face of {_known(hit)}{_where(hit)} (image {hit.image_id}, "
+                   f"face identity distance {_fmt(hit.scores.get('face_distance'))}).")  # fmt: skip
+    return out
+
+
+def _similar_reason(similar: list[HitOut]) -> list[str]:
+    """The similar hits in one sentence: the closest by CLIP cosine (a look-alike, not a copy), or by the
+    face-crop cosine when only faces look alike."""
+    if not similar:
+        return []
+    by_clip = [h for h in similar if isinstance(h.scores.get("clip_similarity"), int | float)]
+    if by_clip:
+        best = max(by_clip, key=lambda h: h.scores["clip_similarity"])
+        score = f"CLIP cosine {_fmt(best.scores['clip_similarity'])}"
+    else:
+        best = max(similar, key=lambda h: h.scores.get("face_similarity", h.score or 0.0))
+        score = (
+            f"face-crop cosine {_fmt(best.scores.get('face_similarity'))}: a similar face, not an identity"
+        )
+    return [
+        f"{len(similar)} visually similar image(s); the closest is image {best.image_id} ({score}){_where(best)}."
+    ]
 
 
 def build_report(
