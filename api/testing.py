@@ -71,3 +71,24 @@ def _wait_ready(server: LiveServer, timeout_s: float) -> None:
             pass
         time.sleep(0.2)
     raise RuntimeError(f"the server was not ready after {timeout_s} s:\n{server.log()}")
+
+
+def ingest_through(
+    server: LiveServer, token: str, source: str, collection: str, timeout_s: float = 60.0
+) -> dict:
+    """Submit a server-side ingest job and wait for it to finish; returns the finished job (status checked)."""
+    auth = {"Authorization": f"Bearer {token}"}
+    job = httpx.post(
+        server.url + "/v1/ingest-jobs", json={"source": source, "collection": collection}, headers=auth
+    ).json()
+    deadline = time.monotonic() + timeout_s
+    while (state := httpx.get(server.url + job["job_url"], headers=auth).json())["status"] not in (
+        "done",
+        "failed",
+    ):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the ingest job did not finish in {timeout_s} s: {state}")
+        time.sleep(0.2)
+    if state["status"] != "done":
+        raise RuntimeError(f"the ingest job failed: {state}")
+    return dict(state)

@@ -7,15 +7,13 @@ own browser download is never used.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from api.commands import keys_create
-from api.testing import LiveServer, live_server
+from api.testing import LiveServer, ingest_through, live_server
 from indexer.settings import Settings
 from tests.synthetic_images import write_corpus
 from tests.test_api_e2e import modified_copy
@@ -36,17 +34,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer,
     admin = keys_create("web tester", ["admin"], settings=settings)[1]
     env = {"SLEUTH_DATA_DIR": str(settings.data_dir), "SLEUTH_INGEST_ROOTS": json.dumps([str(roots)])}
     with live_server(env, log_path=base / "server.log") as live:
-        auth = {"Authorization": f"Bearer {admin}"}
-        job = httpx.post(live.url + "/v1/ingest-jobs", json={"source": str(roots / "stock"), "collection": "stock"},
-                         headers=auth).json()  # fmt: skip
-        deadline = time.monotonic() + 60
-        while (state := httpx.get(live.url + job["job_url"], headers=auth).json())["status"] not in (
-            "done",
-            "failed",
-        ):
-            assert time.monotonic() < deadline, state
-            time.sleep(0.2)
-        assert state["status"] == "done", state
+        ingest_through(live, admin, str(roots / "stock"), "stock")
         query = base / "suspect.jpg"
         query.write_bytes(modified_copy(7))
         yield live, admin, query

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from api.commands import keys_create
-from api.testing import LiveServer, live_server
+from api.testing import LiveServer, ingest_through, live_server
 from indexer.settings import Settings
 from tests.synthetic_images import write_textured_corpus
 
@@ -42,17 +42,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     admin = keys_create("web tester", ["admin"], settings=settings)[1]
     env = {"SLEUTH_DATA_DIR": str(settings.data_dir), "SLEUTH_INGEST_ROOTS": json.dumps([str(roots)])}
     with live_server(env, log_path=base / "server.log") as live:
-        auth = {"Authorization": f"Bearer {admin}"}
-        job = httpx.post(live.url + "/v1/ingest-jobs", json={"source": str(roots / "crawl.jsonl"), "collection": "x"},
-                         headers=auth).json()  # fmt: skip
-        deadline = time.monotonic() + 60
-        while (state := httpx.get(live.url + job["job_url"], headers=auth).json())["status"] not in (
-            "done",
-            "failed",
-        ):
-            assert time.monotonic() < deadline, state
-            time.sleep(0.2)
-        assert state["status"] == "done", state
+        ingest_through(live, admin, str(roots / "crawl.jsonl"), "x")
         crop = Image.open(paths[2]).convert("RGB").crop((40, 30, 440, 330)).resize((320, 240))
         crop.save(base / "crop.jpg", quality=85)
         canvas = Image.new("RGB", (900, 500), (245, 245, 245))
