@@ -13,7 +13,7 @@ from api import browse
 from api.auth import require_search
 from api.keys import KeyInfo
 from api.routes import ERRORS, PublicId, RowId
-from api.search_form import SearchForm
+from api.search_form import HitFilterFields
 from api.state import AppState
 
 router = APIRouter()
@@ -36,7 +36,7 @@ class CollectionPage(Page):
     collection: dict[str, Any]
 
 
-class TextSearchIn(SearchForm):
+class TextSearchIn(HitFilterFields):
     text: str = Field(min_length=1, max_length=1000, description="what to look for, in words")
     k: int | None = Field(None, ge=1, le=100, description="hits (default SLEUTH_SEARCH_K)")
 

@@ -15,7 +15,9 @@ LabelIn = Literal["generated", "stock", "real", "unknown"]
 SortIn = Literal["relevance", "first_seen"]
 
 
-class SearchForm(BaseModel):
+class HitFilterFields(BaseModel):
+    """The filters and order of a query's hits (``search.hit_filters.HitFilter``)."""
+
     collection: str | None = Field(None, max_length=200, description="only hits seen in this collection")
     label: LabelIn | None = Field(None, description="only hits with this label")
     first_seen_from: str | None = Field(
@@ -25,9 +27,6 @@ class SearchForm(BaseModel):
         None, max_length=40, description="only hits first seen on or before (ISO date)"
     )
     sort: SortIn = Field("relevance", description="relevance (best first) or first_seen (oldest first)")
-    region: str | None = Field(
-        None, max_length=80, description="search only x,y,width,height of the upload (pixels)"
-    )
 
     def filters(self) -> HitFilter | None:
         """The hit filter these fields ask for (None when they ask for none)."""
@@ -43,6 +42,14 @@ class SearchForm(BaseModel):
             collection=self.collection or None, label=self.label, first_seen_from=self.first_seen_from or None,
             first_seen_to=self.first_seen_to or None, sort=self.sort,
         )  # fmt: skip
+
+
+class SearchForm(HitFilterFields):
+    """The optional fields of an image search: the filters and the region of the upload to search."""
+
+    region: str | None = Field(
+        None, max_length=80, description="search only x,y,width,height of the upload (pixels)"
+    )
 
     def region_box(self) -> Region | None:
         return Region.parse(self.region) if self.region else None

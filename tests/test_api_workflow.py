@@ -139,6 +139,8 @@ def test_a_region_of_a_composite_finds_the_image_it_was_cut_from(browsed: Api) -
     assert top["sightings"][0]["source_key"] == "corpus/img_00006.jpg"
     assert body["query"]["region"]["x"] == 380 and body["query"]["region"]["width"] == 256
     assert (body["query"]["width"], body["query"]["height"]) == (256, 192)
+    html = browsed.client.get(body["report_html_url"], headers=browsed.h("search")).text
+    assert 'id="query-region">256&times;192 at (380, 60) of the upload' in html
     tiny = browsed.search(buf.getvalue(), region="0,0,5,5")
     assert tiny.status_code == 400 and "less than 16 px" in tiny.json()["message"]
     assert browsed.search(buf.getvalue(), region="a,b").status_code == 400
