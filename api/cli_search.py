@@ -46,10 +46,13 @@ def _query_files(inputs: list[Path]) -> Iterator[Path]:
             raise SleuthError(f"no such file or folder: {path}")
 
 
+WIDE_TABLE = 120  # columns from which the hits are a table (narrower: one block per hit)
+
+
 def _ingested(hit: dict[str, Any]) -> str:
     """When the hit was ingested, for hits whose sightings claim no first-seen date."""
     dates = sorted(str(x["ingested_at"])[:10] for x in hit.get("sightings") or [] if x.get("ingested_at"))
-    return f"{dates[0]} (ingested)" if dates else ""
+    return f"ingested {dates[0]}" if dates else ""
 
 
 def print_result(doc: dict[str, Any], *, title: str, console: Console | None = None) -> None:
@@ -70,16 +73,30 @@ def print_result(doc: dict[str, Any], *, title: str, console: Console | None = N
             console.print(f"  - {reason}", highlight=False)
     if not doc["hits"]:
         return
+    rows = [hit_row(doc, hit, rank) for rank, hit in enumerate(doc["hits"], 1)]
+    if (
+        console.width < WIDE_TABLE
+    ):  # a narrow terminal: one block per hit, the source URL whole on its own line
+        for row, hit in zip(rows, doc["hits"], strict=True):
+            more = f" (+{row['sightings'] - 1} more sightings)" if row["sightings"] > 1 else ""
+            console.print(f"[bold]{row['rank']}. {hit['match_class'].replace('_', ' ')}[/]  score {hit['score']:.3f}  "
+                          f"image {hit['image_id']}", highlight=False)  # fmt: skip
+            console.print(f"   why: {row['why'] or '-'}", highlight=False)
+            seen = row["first_seen"] or _ingested(hit) or "-"
+            console.print(
+                f"   collection {row['collection'] or '-'} · first seen {seen}{more}", highlight=False
+            )
+            console.print(f"   source: {row['source_url']}", highlight=False, soft_wrap=True)
+        return
     table = Table(show_lines=False)
     for col in ("#", "match", "score", "why", "collection", "first seen", "source", "image id"):
         table.add_column(
             col, overflow="fold", no_wrap=col in ("#", "match", "score", "first seen", "image id")
         )
-    for rank, hit in enumerate(doc["hits"], 1):
-        row = hit_row(doc, hit, rank)
+    for row, hit in zip(rows, doc["hits"], strict=True):
         more = f" (+{row['sightings'] - 1} more)" if row["sightings"] > 1 else ""
         table.add_row(
-            str(rank), hit["match_class"].replace("_", " "), f"{hit['score']:.3f}", row["why"] or "-",
+            str(row["rank"]), hit["match_class"].replace("_", " "), f"{hit['score']:.3f}", row["why"] or "-",
             row["collection"] or "", row["first_seen"] or _ingested(hit), row["source_url"] + more,
             str(hit["image_id"]),
         )  # fmt: skip

@@ -51,6 +51,9 @@ def test_text_output_gives_the_verdict_its_reasons_and_only_real_evidence_with_u
     assert "pdq 1" not in text and "PDQ distance" not in text, "a far PDQ distance is no evidence"
     for column in ("match", "score", "why", "collection", "first seen", "source", "image id"):
         assert column in text
+    narrow = runner.invoke(app, ["search", str(query), *data], env={"COLUMNS": "80"}).stdout
+    assert "1. near duplicate  score" in narrow and "   why: verified copy:" in narrow
+    assert f"   source: {LONG_PAGE}" in narrow, "a narrow terminal gets one block per hit, the URL whole"
 
 
 def test_json_carries_the_verdict_and_each_hits_why(tmp_path: Path) -> None:
