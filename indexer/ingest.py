@@ -168,6 +168,11 @@ class _Collections:
         self.store, self.default = store, default
         self._ids: dict[str, int] = {}
         self._done: dict[int, set[str]] = {}
+        self.used: set[str] = set()
+        with store.session() as s:
+            self._default_existed = (
+                s.execute(select(Collection.id).where(Collection.name == default)).scalar() is not None
+            )
         self.default_id = self.id_of(default)
 
     def id_of(self, name: str) -> int:
@@ -176,7 +181,24 @@ class _Collections:
         return self._ids[name]
 
     def of(self, item: SourceItem) -> int:
-        return self.id_of(item.collection or self.default)
+        name = item.collection or self.default
+        self.used.add(name)
+        return self.id_of(name)
+
+    def drop_unused_default(self, run_id: int | None) -> None:
+        """Every row named its own collection: the run's default, made by this run for nothing, is removed (the
+        run is recorded under the first collection it wrote instead)."""
+        if self._default_existed or self.default in self.used or not self.used:
+            return
+        with self.store.session() as s:
+            run = s.get(IngestRun, run_id) if run_id is not None else None
+            if run is not None:
+                run.collection_id = self.id_of(sorted(self.used)[0])
+            s.flush()
+            default = s.get(Collection, self.default_id)
+            if default is not None:
+                s.delete(default)
+        self._ids.pop(self.default, None)
 
     def done(self, item: SourceItem) -> bool:
         collection_id = self.of(item)
@@ -189,7 +211,7 @@ class _Collections:
 
     @property
     def names(self) -> list[str]:
-        return sorted(self._ids)
+        return sorted(self.used)
 
 
 def _done_keys(store: Store, collection_id: int) -> set[str]:
@@ -451,6 +473,7 @@ def ingest(
                 _run_batches(
                     settings, source, collections, writer, summary, progress, workers, on_batch, store
                 )
+                collections.drop_unused_default(summary.run_id)
                 summary.collections = collections.names
                 summary.indexes = sync_all(store, index_dir, threshold=threshold, extra_specs=extra_specs)
                 status = "done"

@@ -216,3 +216,9 @@ def test_manifest_collection_column_is_honoured_and_the_flag_is_the_default(
     ]  # fmt: skip
     again = ingest(manifest, collection="fallback", settings=settings)
     assert (again.new, again.skipped) == (0, 5), "a re-run skips every row in its own collection"
+    named = folder / "named.jsonl"
+    named.write_text(json.dumps({"path": "img_00001.jpg", "collection": "only-named"}))
+    ingest(named, collection="never-used", settings=settings)
+    with store.session() as s:
+        names = set(s.execute(select(Collection.name)).scalars())
+    assert "only-named" in names and "never-used" not in names, "no empty collection is left for the flag"
