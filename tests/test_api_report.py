@@ -200,7 +200,7 @@ def test_html_is_self_contained_escapes_sources_and_inlines_evidence(tmp_path: P
     assert 'alt="reconstruction of face 1"' in page and 'alt="target of face 1"' in page
     assert 'alt="difference of face 1"' not in page  # a file outside the data directory is never read
     assert "Exact copy of a known image first seen 2020-01-01" in page
-    assert "Matches indexed faces: image 1 (similarity 0.97)" in page
+    assert "Matches indexed faces: image 1 (a similar face, face-crop cosine 0.97)" in page
     assert "Projected into <strong>G</strong>: LPIPS 0.050,\n    p(generated) 0.97" in page
     assert "<td> seed 7</td>" in page and "<td>0.9</td><td>1.5</td>" in page
     assert "IPTC yes" in page and "trainedAlgorithmicMedia" in page and code_version() in page
