@@ -141,33 +141,47 @@ class EncoderReport:
 
 
 def generator_samples(
-    generator: Generator, space: str, training: TrainingConfig, *, chunk: int = 256
+    generator: Generator,
+    space: str,
+    training: TrainingConfig,
+    *,
+    chunk: int = 256,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``training.samples`` images (uint8 ``[N, 3, R, R]``, most perturbed) and their latents ``[N, D]``."""
+    """``training.samples`` images (uint8 ``[N, 3, r, r]``, r = min(R, MAX_INPUT), most perturbed) and their latents
+    ``[N, D]``. Generators larger than ``MAX_INPUT`` are rendered through their exact preview read-out when they
+    have one (the image is reduced to ``MAX_INPUT`` anyway). ``progress("sampling", done, total)`` after each
+    chunk."""
     from projection.calibration import perturb
-    from projection.evidence import to_image
+    from projection.images import to_image
+    from projection.projector import keep_freed_memory_for_reuse
 
+    keep_freed_memory_for_reuse()
     device = next(generator.parameters()).device
     rng = random.Random(training.seed)
     z = generator.sample_z(training.samples, seed=training.seed, device=device)
+    render = generator.synthesize_preview if generator.resolution > MAX_INPUT else generator.synthesize
+    chunk = max(1, min(chunk, 2**22 // max(generator.preview_resolution or generator.resolution, 1) ** 2))
     images, latents = [], []
     with torch.no_grad():
         for lo in range(0, training.samples, chunk):
             zc = z[lo : lo + chunk]
             lat = zc if space == "z" else generator.mapping(zc)  # type: ignore[operator]
-            for t in generator.synthesize(lat, space):  # [3, R, R]
+            for t in render(lat, space):  # [3, P, P]
                 im = to_image(t)
+                if im.width > MAX_INPUT:  # reduce first: the perturbation then acts at the encoder's size
+                    im = im.resize((MAX_INPUT, MAX_INPUT), Image.Resampling.BOX)
                 if rng.random() < training.perturb_fraction:
                     im = perturb(
                         im,
                         jpeg_quality=rng.randint(*training.jpeg_quality),
                         scale=rng.uniform(*training.scale),
                     )
-                if im.width > MAX_INPUT:
-                    im = im.resize((MAX_INPUT, MAX_INPUT), Image.Resampling.BOX)
                 images.append(np.asarray(im))
             latents.append(lat.flatten(1).cpu())
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # [N, 3, R, R] uint8
+            if progress:
+                progress("sampling", min(lo + chunk, training.samples), training.samples)
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # [N, 3, r, r] uint8
     return pixels, torch.cat(latents).float()
 
 
@@ -205,9 +219,7 @@ def _train(
 ) -> tuple[LatentEncoder, EncoderReport]:
     if progress:
         progress("sampling", 0, training.samples)
-    pixels, latents = generator_samples(generator, space, training)
-    if progress:
-        progress("sampling", training.samples, training.samples)
+    pixels, latents = generator_samples(generator, space, training, progress=progress)
     config = EncoderConfig(min(generator.resolution, MAX_INPUT), space, latents.shape[1], width=width)
     encoder = LatentEncoder(config).to(device)
     train_latents = latents[training.holdout :]

@@ -22,7 +22,9 @@ from indexer.store.db import open_store  # noqa: E402
 from projection.calibration import Calibration, calibrate_generator, perturb, roc_auc  # noqa: E402
 from projection.checkpoints import save_safetensors, sha256_file  # noqa: E402
 from projection.dcgan import DCGANGenerator  # noqa: E402
-from projection.evidence import prepare_face, project_images, to_image  # noqa: E402
+from projection.evidence import project_images  # noqa: E402
+from projection.face_prep import prepare_face  # noqa: E402
+from projection.images import to_image  # noqa: E402
 from projection.latent_match import LatentMatcher, store_latents, sync_latent_index  # noqa: E402
 from projection.registry import (  # noqa: E402
     GeneratorExistsError,
@@ -146,7 +148,8 @@ def test_calibrate_generator_stores_both_distributions_on_the_registry(
     assert (cal.n_generated, cal.n_real) == (3, 3)
     stored = get_generator(proj_settings, "tiny").calibration
     assert stored is not None and stored["n_generated"] == 3 and stored["n_real"] == 3
-    assert stored["settings"]["real_alignment"] == ["centre-crop"]
+    assert stored["settings"]["preparation"] == ["centre-crop", "whole-image"]  # no detector: by shape
+    assert stored["settings"]["perturbation"]["jpeg_quality"] == [40, 95]
     assert max(cal.generated_lpips) < min(cal.real_lpips)
 
 
@@ -186,7 +189,8 @@ def test_project_images_gives_evidence_in_input_order_with_matches_and_probabili
     foreign = Image.fromarray(np.random.default_rng(2).integers(0, 255, (30, 50, 3), dtype=np.uint8))
     evidence = project_images(proj_settings, [made, foreign], "tiny", steps=120, store=store)
     first, second = evidence
-    assert first.face["how"] == "as-is" and second.face["how"] == "centre-crop"
+    assert first.face["how"] == "whole-image" and second.face["how"] == "centre-crop"
+    assert first.face["effective_size"] == 16 and second.face["effective_size"] == 16
     assert first.lpips < 0.01 < second.lpips
     assert first.probability_generated is None and first.calibration_sizes is None
     assert first.latent_matches[0].seed == 5
@@ -209,13 +213,15 @@ def test_project_images_gives_evidence_in_input_order_with_matches_and_probabili
     store.dispose()
 
 
-def test_prepare_face_keeps_aligned_crops_and_centre_crops_others() -> None:
+def test_prepare_face_without_a_detector_takes_square_images_whole_and_centre_crops_others() -> None:
     crop = Image.new("RGB", (64, 64), (10, 20, 30))
     kept = prepare_face(crop, 64)
-    assert kept.how == "as-is" and kept.image.tobytes() == crop.tobytes()
+    assert kept.how == "whole-image" and kept.image.tobytes() == crop.tobytes() and kept.size() == 64
     wide = Image.new("RGB", (120, 60), (200, 0, 0))
     face = prepare_face(wide, 64)
-    assert face.how == "centre-crop" and face.image.size == (64, 64)
+    assert face.how == "centre-crop" and face.image.size == (64, 64) and face.size() == 60
+    small = prepare_face(Image.new("RGB", (20, 20)), 64)  # effective size: the query's own pixels
+    assert small.image.size == (64, 64) and small.size() == 20 and small.comparison_image().size == (20, 20)
 
 
 # --- the refine tier -----------------------------------------------------------------------------------------
