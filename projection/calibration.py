@@ -117,13 +117,17 @@ class Calibration:
     settings: dict[str, Any] = field(
         default_factory=dict
     )  # how the samples were made (k, perturbation, steps)
-    sizes: list[int] = field(default_factory=list)  # effective face sizes of the samples (both classes)
+    generated_sizes: list[int] = field(default_factory=list)  # effective face sizes of the samples
+    real_sizes: list[int] = field(default_factory=list)
 
     SIZE_SLACK = 0.75  # a query face down to this share of the smallest calibrated size is still covered
 
     @property
     def min_size(self) -> int | None:
-        return min(self.sizes) if self.sizes else None
+        """The smallest effective size both classes were measured at (None for calibrations without sizes)."""
+        if not self.generated_sizes or not self.real_sizes:
+            return None
+        return max(min(self.generated_sizes), min(self.real_sizes))
 
     def covers(self, effective_size: int) -> bool:
         """Whether a face of ``effective_size`` px lies in the range the calibration measured (never extrapolate:
@@ -146,9 +150,10 @@ class Calibration:
         real_lpips: Sequence[float],
         *,
         settings: dict[str, Any] | None = None,
-        sizes: Sequence[int] = (),
+        generated_sizes: Sequence[int] = (),
+        real_sizes: Sequence[int] = (),
     ) -> Calibration:
-        """Isotonic fit of the label (1 = generated) on LPIPS, each class weighted to total 1/2. ``sizes``: the
+        """Isotonic fit of the label (1 = generated) on LPIPS, each class weighted to total 1/2. ``*_sizes``: the
         samples' effective face sizes (the range the probability is given for)."""
         gen, real = [float(v) for v in generated_lpips], [float(v) for v in real_lpips]
         if not gen or not real:
@@ -165,7 +170,8 @@ class Calibration:
             # Laplace-style bounds: never more certain than the sample sizes allow (clipping keeps monotone)
             probs.append(min(max(mean, 1.0 / (len(gen) + 2)), 1.0 - 1.0 / (len(real) + 2)))
             start += n
-        return cls(gen, real, knots, probs, METHOD, dict(settings or {}), [int(v) for v in sizes])
+        return cls(gen, real, knots, probs, METHOD, dict(settings or {}), [int(v) for v in generated_sizes],
+                   [int(v) for v in real_sizes])  # fmt: skip
 
     def probability(self, lpips: float) -> float:
         """p(generated) for ``lpips``: piecewise linear between the fitted block centres, flat beyond them."""
@@ -196,7 +202,9 @@ class Calibration:
             "probabilities": self.probabilities,
             "auc": self.auc(),
             "settings": self.settings,
-            "sizes": self.sizes,
+            "generated_sizes": self.generated_sizes,
+            "real_sizes": self.real_sizes,
+            "min_size": self.min_size,
         }
 
     @classmethod
@@ -209,12 +217,14 @@ class Calibration:
                 probabilities=[float(v) for v in doc["probabilities"]],
                 method=str(doc.get("method", METHOD)),
                 settings=dict(doc.get("settings", {})),
-                sizes=[int(v) for v in doc.get("sizes") or []],
+                generated_sizes=[int(v) for v in doc.get("generated_sizes") or []],
+                real_sizes=[int(v) for v in doc.get("real_sizes") or []],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a stored calibration: {exc}") from exc
         if cal.method != METHOD:  # an older fit: refit from the stored samples
-            return cls.fit(cal.generated_lpips, cal.real_lpips, settings=cal.settings, sizes=cal.sizes)
+            return cls.fit(cal.generated_lpips, cal.real_lpips, settings=cal.settings,
+                           generated_sizes=cal.generated_sizes, real_sizes=cal.real_sizes)  # fmt: skip
         return cal
 
 
@@ -327,7 +337,8 @@ def calibrate_generator(
             "encoder_sha256": info.encoder["sha256"] if info.encoder else None,
             "face_template": bool(info.config.get("face_template")),
         },
-        sizes=[f.size() for f in faces],
+        generated_sizes=[f.size() for f in faces[:n_fake]],
+        real_sizes=[f.size() for f in faces[n_fake:]],
     )  # fmt: skip
     set_calibration(settings, name, cal.to_json(), store=store)
     logger.info(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -208,8 +208,11 @@ def project_faces(
     match_k: int = 5,
     batch_size: int = 32,
     rerank_pool: int | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> list[Evidence]:
     """Project prepared faces (``prepare_faces``) into ``generator_name``; one ``Evidence`` each.
+
+    ``progress(faces_done, step, steps)`` is called after every projection step of every batch.
 
     ``starts[i]``: extra start latents ``[S, *latent_shape]`` for face ``i``. Where the generator has a trained
     latent encoder (``sleuth generators train-encoder``), its prediction for the face is start 1 and the given
@@ -251,9 +254,11 @@ def project_faces(
                 chunk_starts = [
                     torch.cat([predicted[i : i + 1], g.reshape(-1, *shape)]) for i, g in enumerate(given)
                 ]
+            done, steps = len(results), config.steps
             results += project(
                 generator, targets, lpips_model=lpips_model, config=config, starts=chunk_starts,
                 compare=[compare_target(f) for f in chunk], device=device,
+                progress=None if progress is None else _step_reporter(progress, done, steps),
             )  # fmt: skip
         scores = evidence_scores(
             lpips_model, [r.reconstruction for r in results], faces, lpips_resolution=config.lpips_resolution
@@ -300,6 +305,13 @@ def project_faces(
             )
         )
     return out
+
+
+def _step_reporter(
+    progress: Callable[[int, int, int], None], done: int, steps: int
+) -> Callable[[int, int], None]:
+    """The projector's ``progress(step, active_rows)`` as ``progress(faces_done, step, steps)``."""
+    return lambda step, _active: progress(done, step + 1, steps)
 
 
 def _probability(
@@ -368,6 +380,7 @@ def project_images(
     jpeg_qualities: Sequence[int | None] | None = None,
     store: Store | None = None,
     match_k: int = 5,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> list[Evidence]:
     """One ``Evidence`` per image, in input order: its face (``prepare_faces``) projected into the generator.
 
@@ -386,7 +399,9 @@ def project_images(
         )
         if steps is not None:
             config = replace(config, steps=steps) if config else projection_config(info, steps=steps)
-        return project_faces(settings, faces, generator_name, config=config, store=st, match_k=match_k)
+        return project_faces(
+            settings, faces, generator_name, config=config, store=st, match_k=match_k, progress=progress
+        )
     finally:
         if own_store:
             st.dispose()

@@ -126,6 +126,30 @@ def test_calibration_maps_lpips_to_a_monotone_smoothed_probability() -> None:
     assert 0.3 < mixed.probability(0.5) < 0.7  # indistinguishable classes: about even
 
 
+def test_a_calibration_gives_no_probability_below_the_face_sizes_it_measured() -> None:
+    cal = Calibration.fit([0.01, 0.02], [0.3, 0.4], generated_sizes=[256, 512], real_sizes=[100, 300])
+    assert cal.min_size == 256  # both classes must have been seen at a size
+    assert cal.covers(200) and not cal.covers(150)  # down to 3/4 of it
+    assert Calibration.from_json(cal.to_json()).min_size == 256
+    assert Calibration.fit([0.1], [0.2]).covers(8)  # a calibration without sizes states no range
+
+
+def test_web_perturbation_rescales_recrops_and_reencodes_within_its_ranges() -> None:
+    import random
+
+    from indexer.decode import decode_image
+    from projection.calibration import WebPerturbation, web_perturbation
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    rng = random.Random(0)
+    spec = WebPerturbation(max_side=128, min_side=20)
+    decoded = [decode_image(web_perturbation(img, rng, spec)) for _ in range(40)]
+    sides = [max(d.width, d.height) for d in decoded]
+    assert min(sides) >= 20 and max(sides) <= 128 and min(sides) < 40 and max(sides) > 90
+    assert all(d.format == "JPEG" and 40 <= (d.jpeg_quality or 0) <= 95 for d in decoded)
+    assert any(abs(d.width - d.height) >= 1 for d in decoded)  # the crop jitter cuts edges unequally
+
+
 def test_perturbation_keeps_the_size_and_changes_the_pixels_a_little() -> None:
     img = to_image(torch.rand(3, 32, 32) * 2 - 1)
     out = perturb(img)
