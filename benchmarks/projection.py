@@ -72,7 +72,7 @@ GENERATORS: dict[str, dict[str, Any]] = {
     CELEBA: {"path": SHARED / "models/third-party/dcgan-celeba-32/generator.pt", "family": "dcgan",
              "z_distribution": "uniform"},
 }  # fmt: skip
-ENCODERS = {MSG: (4000, 20), DIGIFACE: (20_000, 8), CELEBA: (20_000, 8)}  # samples, epochs
+ENCODERS = {MSG: (2000, 30), DIGIFACE: (20_000, 8), CELEBA: (20_000, 8)}  # samples, epochs
 log = logging.getLogger("bench.projection")
 
 

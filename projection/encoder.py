@@ -197,15 +197,50 @@ def train_encoder(
     width: int = 32,
     device: str | torch.device = "cpu",
     progress: Callable[[str, int, int], None] | None = None,
+    sample_cache: Path | None = None,
+    cache_key: str = "",
 ) -> tuple[LatentEncoder, EncoderReport]:
     """Train an encoder for ``generator``'s ``space`` (``z`` or ``w``) on its own samples; deterministic on the
-    CPU for a given seed. ``progress(phase, done, total)`` reports sampling and each epoch."""
+    CPU for a given seed. ``progress(phase, done, total)`` reports sampling and each epoch. ``sample_cache``: a
+    file that keeps the drawn samples (for ``cache_key``, e.g. the generator's weight hash), so training again
+    with other epochs does not draw them again (drawing is most of the time for a large generator)."""
     training = training or TrainingConfig()
     device = torch.device(device)
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
         torch.manual_seed(training.seed)
-        return _train(generator, space, training, width, device, progress, started)
+        samples = _cached_samples(generator, space, training, progress, sample_cache, cache_key)
+        return _train(generator, space, training, width, device, progress, started, samples)
+
+
+def _cached_samples(
+    generator: Generator,
+    space: str,
+    training: TrainingConfig,
+    progress: Callable[[str, int, int], None] | None,
+    cache: Path | None,
+    cache_key: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``generator_samples``, read from / written to ``cache`` (safetensors) when one is given."""
+    what = json.dumps({"key": cache_key, "space": space, "samples": training.samples, "seed": training.seed,
+                       "perturb_fraction": training.perturb_fraction, "jpeg_quality": training.jpeg_quality,
+                       "scale": training.scale, "max_input": MAX_INPUT}, sort_keys=True)  # fmt: skip
+    if cache is not None and cache.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), framework="pt") as fh:
+            if (fh.metadata() or {}).get("samples") == what:
+                logger.info("encoder samples read from %s", cache)
+                return fh.get_tensor("pixels"), fh.get_tensor("latents")
+    if progress:
+        progress("sampling", 0, training.samples)
+    pixels, latents = generator_samples(generator, space, training, progress=progress)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(cache.suffix + ".tmp")
+        save_file({"pixels": pixels, "latents": latents}, str(tmp), metadata={"samples": what})
+        tmp.replace(cache)
+    return pixels, latents
 
 
 def _train(
@@ -216,10 +251,9 @@ def _train(
     device: torch.device,
     progress: Callable[[str, int, int], None] | None,
     started: float,
+    samples: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[LatentEncoder, EncoderReport]:
-    if progress:
-        progress("sampling", 0, training.samples)
-    pixels, latents = generator_samples(generator, space, training, progress=progress)
+    pixels, latents = samples
     config = EncoderConfig(min(generator.resolution, MAX_INPUT), space, latents.shape[1], width=width)
     encoder = LatentEncoder(config).to(device)
     train_latents = latents[training.holdout :]
@@ -348,8 +382,11 @@ def train_generator_encoder(
     device = device or settings.device
     generator, info = load_generator(settings, name, device=device, store=store)
     space = "w" if info.latent_space in ("w", "w+") else "z"
-    encoder, report = train_encoder(generator, space, training, width=width, device=device, progress=progress)
     path = encoder_path(settings, name)
+    encoder, report = train_encoder(
+        generator, space, training, width=width, device=device, progress=progress,
+        sample_cache=path.with_name(f"{name}.encoder-samples.safetensors"), cache_key=info.weights_sha256,
+    )  # fmt: skip
     save_encoder(encoder, path, report)
     record = {
         "path": str(path),
