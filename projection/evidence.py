@@ -40,6 +40,7 @@ from projection.scoring import compare_target, evidence_scores
 logger = logging.getLogger(__name__)
 
 DIFFERENCE_GAIN = 4.0  # the difference map shows |target - reconstruction| * gain (clipped)
+LARGE_GENERATOR_BATCH = 4  # faces projected at once into generators of 512 px and more (memory)
 
 
 @dataclass
@@ -238,6 +239,8 @@ def project_faces(
             if f.image.size != (res, res):
                 raise ValueError(f"faces must be {res}x{res} (use prepare_faces), got {f.image.size}")
         results: list[ProjectionResult] = []
+        if res >= 512:  # a row of a 1024 px generator holds GBs of activations; rows cost the same on a CPU
+            batch_size = min(batch_size, LARGE_GENERATOR_BATCH)
         for lo in range(0, len(faces), batch_size):
             chunk = faces[lo : lo + batch_size]
             targets = to_tensor([f.image for f in chunk])
