@@ -51,22 +51,42 @@ def _with_device(data_dir: Path | None, device: str | None) -> Any:
 def generators_add(
     name: Annotated[str, typer.Argument(help="name to register the generator under")],
     path: Annotated[
-        Path, typer.Argument(help="checkpoint: NVlabs .pkl, rosinality .pt, DCGAN .pt, safetensors")
+        Path,
+        typer.Argument(
+            help="checkpoint (NVlabs .pkl, rosinality .pt, DCGAN .pt, safetensors) or, for --family onnx, "
+            "the model card JSON naming the ONNX files"
+        ),
     ],
-    family: Annotated[str, typer.Option("--family", help="stylegan2 or dcgan")],
+    family: Annotated[str, typer.Option("--family", help="stylegan2, dcgan or onnx")],
+    latent_distribution: Annotated[
+        str | None,
+        typer.Option(
+            "--latent-distribution",
+            help="DCGAN only: how z was drawn in training, normal (default) or uniform",
+        ),
+    ] = None,
+    description: Annotated[
+        str | None,
+        typer.Option("--description", help="what the generator is, as reports name it (default: the card's)"),
+    ] = None,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Register a checkpoint: read safely (no code runs), converted once to safetensors, SHA-256s recorded."""
+    """Register a generator: read safely (no code runs), its files copied or converted once, SHA-256s recorded."""
     from projection.registry import register_generator
 
-    info = register_generator(settings_for(data_dir), name, path, family=family)
+    info = register_generator(
+        settings_for(data_dir), name, path, family=family, z_distribution=latent_distribution,
+        description=description,
+    )  # fmt: skip
     if as_json:
         print_json(info.to_json())
     else:
         out.print(
-            f"registered [bold]{info.name}[/] ({info.family}, {info.resolution}x{info.resolution}) -> "
-            f"{info.weights_path}\n  source sha256 {info.source_sha256}\n  weights sha256 {info.weights_sha256}"
+            f"registered [bold]{info.name}[/] ({info.family}, {info.resolution}x{info.resolution}): "
+            f"{info.description}\n  -> {info.weights_path}\n  source sha256 {info.source_sha256}\n"
+            f"  weights sha256 {info.weights_sha256}",
+            highlight=False,
         )
 
 
@@ -126,10 +146,19 @@ def generators_train_encoder(
     calibration, which must then be made again with `calibrate`."""
     from projection.encoder import TrainingConfig, train_generator_encoder
 
+    shown: dict[str, int] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        step = max(1, total // 10)  # about ten lines per phase
+        if done == total or done // step != shown.get(phase, -1):
+            shown[phase] = done // step
+            err.print(
+                f"{'drawing samples of ' + name if phase == 'sampling' else 'training epoch'}: {done}/{total}"
+            )
+
     settings = _with_device(data_dir, device)
     training = TrainingConfig(samples=samples, epochs=epochs, seed=seed, holdout=min(500, samples // 10))
-    with _PhaseBars({"sampling": f"drawing samples of {name}", "epoch": "training epochs"}) as bars:
-        info, report = train_generator_encoder(settings, name, training, progress=bars.update)
+    info, report = train_generator_encoder(settings, name, training, progress=progress)
     if as_json:
         print_json({"generator": name, "encoder": info.encoder})
         return
@@ -168,29 +197,8 @@ def generators_calibrate(
     )
 
 
-class _PhaseBars:
-    """One tqdm bar per phase of a long job on stderr (hidden when stderr is not a terminal), fed by the
-    library's ``progress(phase, done, total)`` callbacks."""
-
-    def __init__(self, titles: dict[str, str]) -> None:
-        self.titles = titles
-        self.bars: dict[str, tqdm[Any]] = {}
-
-    def update(self, phase: str, done: int, total: int) -> None:
-        bar = self.bars.get(phase)
-        if bar is None:
-            bar = self.bars[phase] = tqdm(total=total, desc=self.titles.get(phase, phase), disable=None)
-        bar.update(done - bar.n)
-
-    def __enter__(self) -> _PhaseBars:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        for bar in self.bars.values():
-            bar.close()
-
-
-def _step(bar: tqdm[Any], step: int, steps: int) -> None:
+def _step(bar: tqdm[Any], _faces_done: int, step: int, steps: int) -> None:
+    """``project_images``' ``progress(faces_done, step, steps)`` on a tqdm bar of the steps."""
     bar.total = steps
     bar.update(step - bar.n)
 
@@ -232,8 +240,9 @@ def project(
     for n, d in enumerate(decoded, 1):  # one image per projection batch: each gets its own seconds
         with tqdm(desc=f"projecting {n}/{len(decoded)}", unit="step", disable=None, leave=False) as bar:
             evidence += project_images(
-                settings, [d.image], generator, steps=steps, progress=partial(_step, bar)
-            )
+                settings, [d.image], generator, steps=steps, jpeg_qualities=[d.jpeg_quality],
+                progress=partial(_step, bar),
+            )  # fmt: skip
     for i, (path, d, ev) in enumerate(zip(images, decoded, evidence, strict=True)):
         doc = ev.to_json(images="files", image_dir=out_dir, stem=_stem(i, path, generator))
         doc = {"image": str(path), "sha256": d.sha256, **doc}
@@ -242,9 +251,9 @@ def project(
             continue
         prob = ev.probability_generated
         verdict = (
-            "not calibrated (run `sleuth generators calibrate`)"
+            str(ev.probability_note)
             if prob is None
-            else f"p(generated by {generator}) = {prob:.3f} "
+            else f"p(generated by {generator}: {ev.description}) = {prob:.3f} "
             f"(calibrated on {ev.calibration_sizes and ev.calibration_sizes['n_generated']} generated / "
             f"{ev.calibration_sizes and ev.calibration_sizes['n_real']} real)"
         )
@@ -252,7 +261,12 @@ def project(
             f"[bold]{path}[/] -> {generator}: LPIPS {ev.lpips:.4f}, MSE {ev.mse:.5f}; {verdict}",
             soft_wrap=True,
         )
-        out.print(f"  face: {ev.face['how']}; {ev.steps} steps, {ev.seconds:.2f}s", soft_wrap=True)
+        quality = f", JPEG quality {ev.face['jpeg_quality']}" if ev.face.get("jpeg_quality") else ""
+        out.print(
+            f"  face: {ev.face['how']}, compared at its effective size {ev.face['effective_size']} px{quality}; "
+            f"{ev.steps} steps, {ev.seconds:.2f}s",
+            soft_wrap=True,
+        )
         for m in ev.latent_matches:
             out.print(
                 f"  latent match: seed {m.seed} image {m.sha256 or '-'} cosine {m.cosine:.3f} "

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
@@ -87,6 +87,7 @@ class DecodedImage:
     mode: str  # original mode before conversion (e.g. "CMYK", "I;16", "P", "RGBA")
     exif: dict[str, str]  # readable EXIF tags (name -> trimmed str), empty if none
     metadata: dict[str, str]  # provenance hints: XMP fields, PNG text, C2PA/JUMBF presence, ICC name
+    jpeg_quality: int | None = None  # IJG quality (1-100) the luminance table matches best; None if not JPEG
 
 
 # --- sniffing -------------------------------------------------------------------------------------
@@ -191,6 +192,9 @@ def _decode(data: bytes, sha256: str, limits: Limits) -> DecodedImage:
     exif = _best_effort(lambda: _read_exif(im), no_exif, "EXIF")
     metadata = _best_effort(lambda: _read_metadata(im, data), no_metadata, "metadata")
     n_frames = _best_effort(lambda: _count_frames(im), 1, "frame count")
+    quality = _best_effort(
+        lambda: estimate_jpeg_quality(getattr(im, "quantization", None)), None, "JPEG quality"
+    )
     return DecodedImage(
         image=rgb,
         sha256=sha256,
@@ -202,7 +206,38 @@ def _decode(data: bytes, sha256: str, limits: Limits) -> DecodedImage:
         mode=original_mode,
         exif=exif,
         metadata=metadata,
+        jpeg_quality=quality,
     )
+
+
+# The IJG (libjpeg) luminance quantisation table at quality 50, in natural (row-major) order (JPEG standard,
+# Annex K, table K.1); quality q scales it by 5000/q (q < 50) or 200 - 2q, then rounds and clips to 1..255.
+_IJG_LUMINANCE = np.array(
+    [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=np.float64,
+)  # fmt: skip
+
+
+def ijg_luminance_table(quality: int) -> np.ndarray:
+    """The 64 luminance quantisation steps libjpeg (and Pillow) use at ``quality`` (1-100)."""
+    q = min(max(int(quality), 1), 100)
+    scale = 5000.0 / q if q < 50 else 200.0 - 2.0 * q
+    return np.clip(np.floor((_IJG_LUMINANCE * scale + 50.0) / 100.0), 1, 255)
+
+
+def estimate_jpeg_quality(quantization: dict[int, Any] | None) -> int | None:
+    """The IJG quality whose luminance table is nearest (mean absolute log ratio) to table 0 of a JPEG's
+    ``quantization`` (Pillow's dict of tables); ``None`` without one. An encoder with its own tables gets the
+    nearest IJG quality, which is what re-encoding at that quality reproduces best."""
+    if not quantization or 0 not in quantization:
+        return None
+    table = np.asarray(list(quantization[0]), dtype=np.float64)
+    if table.shape != (64,) or np.any(table <= 0):
+        return None
+    # Pillow lists the steps in natural order; the IJG table above is in natural order too.
+    errors = [float(np.abs(np.log(table / ijg_luminance_table(q))).mean()) for q in range(1, 101)]
+    return int(np.argmin(errors)) + 1
 
 
 def _open(data: bytes, limits: Limits) -> Image.Image:

@@ -1,7 +1,9 @@
 """Calibration: turn a projection LPIPS into the probability that a face came from a given generator.
 
-``calibrate_generator`` projects K samples of the generator (after the perturbations an image picks up on the
-web: a JPEG round trip and a down/up resize) and K real faces, and keeps both empirical LPIPS distributions.
+``calibrate_generator`` projects K samples of the generator and K real faces, each after the perturbations an
+image picks up on the web (``web_perturbation``: a random rescale between 0.25x and 4x of its size, a small crop
+jitter, a JPEG round trip at a random quality between 40 and 95), through exactly the path a query takes (decode,
+``projection.face_prep``, projection, the evidence comparison), and keeps both empirical LPIPS distributions.
 ``Calibration.probability`` maps a new LPIPS to p(generated) with an isotonic (monotone non-increasing) fit of the
 class label on LPIPS, classes weighted equally (prior 1/2), bounded to [1/(n_generated+2), 1 - 1/(n_real+2)] so
 that a finite sample never yields exactly 0 or 1. The sample sizes are stored with it and reported with every probability.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import random
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +38,40 @@ def perturb(image: Image.Image, *, jpeg_quality: int = 90, scale: float = 0.8) -
     w, h = out.size
     small = out.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
     return small.resize((w, h), Image.Resampling.BICUBIC)
+
+
+@dataclass(frozen=True)
+class WebPerturbation:
+    """How an image circulates: rescaled, slightly re-cropped, re-encoded as a JPEG (ranges sampled uniformly)."""
+
+    scale: tuple[float, float] = (0.25, 4.0)  # of the image's own side (log-uniform)
+    jpeg_quality: tuple[int, int] = (40, 95)
+    crop_jitter: float = 0.03  # at most this share of the side cut from each edge
+    max_side: int = 2048  # enlargements stop here (a 1024 px face at 4x adds nothing but pixels)
+    min_side: int = 16
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scale": list(self.scale), "jpeg_quality": list(self.jpeg_quality), "crop_jitter": self.crop_jitter,
+                "max_side": self.max_side, "min_side": self.min_side}  # fmt: skip
+
+
+def web_perturbation(image: Image.Image, rng: random.Random, spec: WebPerturbation | None = None) -> bytes:
+    """``image`` as the JPEG bytes of one draw of ``spec``: crop jitter, rescale, JPEG. Decode them like a query."""
+    spec = spec or WebPerturbation()
+    image = image.convert("RGB")
+    w, h = image.size
+    cuts = [rng.uniform(0.0, spec.crop_jitter) for _ in range(4)]
+    box = (round(cuts[0] * w), round(cuts[1] * h), w - round(cuts[2] * w), h - round(cuts[3] * h))
+    cropped = image.crop(box)
+    lo, hi = math.log(spec.scale[0]), math.log(spec.scale[1])
+    factor = math.exp(rng.uniform(lo, hi))
+    side = max(cropped.size)
+    factor = min(factor, spec.max_side / side) if factor > 1 else max(factor, spec.min_side / side)
+    size = (max(1, round(cropped.width * factor)), max(1, round(cropped.height * factor)))
+    resized = cropped.resize(size, Image.Resampling.LANCZOS if factor < 1 else Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    resized.save(buf, format="JPEG", quality=rng.randint(*spec.jpeg_quality))
+    return buf.getvalue()
 
 
 def roc_auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
@@ -80,6 +117,23 @@ class Calibration:
     settings: dict[str, Any] = field(
         default_factory=dict
     )  # how the samples were made (k, perturbation, steps)
+    generated_sizes: list[int] = field(default_factory=list)  # effective face sizes of the samples
+    real_sizes: list[int] = field(default_factory=list)
+
+    SIZE_SLACK = 0.75  # a query face down to this share of the smallest calibrated size is still covered
+
+    @property
+    def min_size(self) -> int | None:
+        """The smallest effective size both classes were measured at (None for calibrations without sizes)."""
+        if not self.generated_sizes or not self.real_sizes:
+            return None
+        return max(min(self.generated_sizes), min(self.real_sizes))
+
+    def covers(self, effective_size: int) -> bool:
+        """Whether a face of ``effective_size`` px lies in the range the calibration measured (never extrapolate:
+        a face much smaller than every calibration sample gets no probability)."""
+        low = self.min_size
+        return low is None or effective_size >= self.SIZE_SLACK * low
 
     @property
     def n_generated(self) -> int:
@@ -96,8 +150,11 @@ class Calibration:
         real_lpips: Sequence[float],
         *,
         settings: dict[str, Any] | None = None,
+        generated_sizes: Sequence[int] = (),
+        real_sizes: Sequence[int] = (),
     ) -> Calibration:
-        """Isotonic fit of the label (1 = generated) on LPIPS, each class weighted to total 1/2."""
+        """Isotonic fit of the label (1 = generated) on LPIPS, each class weighted to total 1/2. ``*_sizes``: the
+        samples' effective face sizes (the range the probability is given for)."""
         gen, real = [float(v) for v in generated_lpips], [float(v) for v in real_lpips]
         if not gen or not real:
             raise ValueError("calibration needs at least one generated and one real LPIPS value")
@@ -113,7 +170,8 @@ class Calibration:
             # Laplace-style bounds: never more certain than the sample sizes allow (clipping keeps monotone)
             probs.append(min(max(mean, 1.0 / (len(gen) + 2)), 1.0 - 1.0 / (len(real) + 2)))
             start += n
-        return cls(gen, real, knots, probs, METHOD, dict(settings or {}))
+        return cls(gen, real, knots, probs, METHOD, dict(settings or {}), [int(v) for v in generated_sizes],
+                   [int(v) for v in real_sizes])  # fmt: skip
 
     def probability(self, lpips: float) -> float:
         """p(generated) for ``lpips``: piecewise linear between the fitted block centres, flat beyond them."""
@@ -144,6 +202,9 @@ class Calibration:
             "probabilities": self.probabilities,
             "auc": self.auc(),
             "settings": self.settings,
+            "generated_sizes": self.generated_sizes,
+            "real_sizes": self.real_sizes,
+            "min_size": self.min_size,
         }
 
     @classmethod
@@ -156,11 +217,14 @@ class Calibration:
                 probabilities=[float(v) for v in doc["probabilities"]],
                 method=str(doc.get("method", METHOD)),
                 settings=dict(doc.get("settings", {})),
+                generated_sizes=[int(v) for v in doc.get("generated_sizes") or []],
+                real_sizes=[int(v) for v in doc.get("real_sizes") or []],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a stored calibration: {exc}") from exc
         if cal.method != METHOD:  # an older fit: refit from the stored samples
-            return cls.fit(cal.generated_lpips, cal.real_lpips, settings=cal.settings)
+            return cls.fit(cal.generated_lpips, cal.real_lpips, settings=cal.settings,
+                           generated_sizes=cal.generated_sizes, real_sizes=cal.real_sizes)  # fmt: skip
         return cal
 
 
@@ -177,18 +241,40 @@ def image_files(folder: str | Path) -> list[Path]:
 def generated_faces(
     generator: Any, k: int, *, seed: int, jpeg_quality: int = 90, scale: float = 0.8, chunk: int = 64
 ) -> list[Image.Image]:
-    """``k`` samples of ``generator`` (z from ``seed``), each through ``perturb``: the generated side of a run."""
+    """``k`` samples of ``generator`` (z from ``seed``), each through ``perturb`` (JPEG and a down/up resize)."""
+    return [
+        perturb(im, jpeg_quality=jpeg_quality, scale=scale)
+        for im in generator_samples(generator, k, seed=seed)
+    ]
+
+
+def generator_samples(generator: Any, k: int, *, seed: int) -> list[Image.Image]:
+    """``k`` samples of ``generator`` at its resolution (z drawn from ``seed``), as PIL images."""
     import torch
 
-    from projection.evidence import to_image
+    from projection.images import to_image
 
-    z = generator.sample_z(k, seed=seed, device=generator.device)  # [k, *latent_shape("z")]
+    z = generator.sample_z(k, seed=seed, device=generator.device if hasattr(generator, "device") else "cpu")
+    chunk = max(1, 2**22 // generator.resolution**2)
     images: list[Image.Image] = []
     with torch.no_grad():
         for lo in range(0, k, chunk):
-            for t in generator.synthesize(z[lo : lo + chunk], "z"):  # [3, R, R]
-                images.append(perturb(to_image(t), jpeg_quality=jpeg_quality, scale=scale))
+            images += [to_image(t) for t in generator.synthesize(z[lo : lo + chunk], "z")]  # [3, R, R] each
     return images
+
+
+def perturbed_queries(
+    images: Sequence[Image.Image],
+    *,
+    seed: int,
+    spec: WebPerturbation | None = None,
+    limits: Any | None = None,
+) -> list[Any]:
+    """Each image after one ``web_perturbation`` draw (seeded), decoded as a query is (``DecodedImage``)."""
+    from indexer.decode import decode_image
+
+    rng = random.Random(seed)
+    return [decode_image(web_perturbation(im, rng, spec), limits=limits) for im in images]
 
 
 def calibrate_generator(
@@ -201,58 +287,58 @@ def calibrate_generator(
     device: str | None = None,
     steps: int | None = None,
     detector: Any | None = None,
-    jpeg_quality: int = 90,
-    scale: float = 0.8,
+    perturbation: WebPerturbation | None = None,
     store: Any | None = None,
 ) -> Calibration:
-    """Project ``k`` perturbed samples of generator ``name`` and ``k`` real faces from ``real_dir`` (a random
-    sample when it holds more, chosen by ``seed``), fit the calibration and store it on the registry entry."""
-    import random
-
+    """Project ``k`` web-perturbed samples of generator ``name`` and ``k`` web-perturbed real faces from
+    ``real_dir`` (a random sample when it holds more, chosen by ``seed``) through the query path, fit the
+    calibration and store it on the registry entry."""
     from indexer.decode import decode_file
     from indexer.errors import DecodeError, SourceError
-    from projection.evidence import PreparedFace, prepare_face, project_faces, projection_config
-    from projection.registry import load_generator, set_calibration
+    from projection.evidence import prepare_faces, project_faces, projection_config
+    from projection.registry import get_generator, load_generator, set_calibration
 
     if k < 2:
         raise SourceError("k must be at least 2")
-    device = device or settings.device
-    generator, info = load_generator(settings, name, device=device, store=store)
+    spec = perturbation or WebPerturbation()
+    if device is not None:
+        settings = settings.model_copy(update={"device": device})
+    generator, _ = load_generator(settings, name, device=settings.device, store=store)
     files = image_files(real_dir)
     if not files:
         raise SourceError(f"no images under {real_dir}")
     if len(files) > k:
         files = sorted(random.Random(seed).sample(files, k))
-    if detector is None and settings.face_detector is not None:
-        from indexer.faces import load_face_detector
-
-        detector = load_face_detector(settings)
-    real: list[PreparedFace] = []
+    real_images: list[Image.Image] = []
     for path in files:
         try:
-            image = decode_file(path, limits=settings.limits).image
+            real_images.append(decode_file(path, limits=settings.limits).image)
         except (DecodeError, OSError) as exc:
             logger.warning("calibration: skipping %s: %s", path, exc)
-            continue
-        real.append(prepare_face(image, generator.resolution, detector=detector))
-    if not real:
+    if not real_images:
         raise SourceError(f"no readable images under {real_dir}")
-    fake = [
-        PreparedFace(im, "generated")
-        for im in generated_faces(generator, k, seed=seed + 1, jpeg_quality=jpeg_quality, scale=scale)
-    ]
+    fake_queries = perturbed_queries(generator_samples(generator, k, seed=seed + 1), seed=seed + 2, spec=spec)
+    real_queries = perturbed_queries(real_images, seed=seed + 3, spec=spec)
+    queries = fake_queries + real_queries
+    faces = prepare_faces(
+        settings, [q.image for q in queries], name, detector=detector,
+        jpeg_qualities=[q.jpeg_quality for q in queries], store=store,
+    )  # fmt: skip
+    info = get_generator(settings, name, store=store)  # after preparation: it may have measured the template
     config = projection_config(info, steps=steps)
-    evidence = project_faces(
-        settings, fake + real, name, device=device, config=config, store=store, match_k=0
-    )
+    evidence = project_faces(settings, faces, name, config=config, store=store, match_k=0)
+    n_fake = len(fake_queries)
     cal = Calibration.fit(
-        [e.lpips for e in evidence[: len(fake)]],
-        [e.lpips for e in evidence[len(fake) :]],
+        [e.lpips for e in evidence[:n_fake]],
+        [e.lpips for e in evidence[n_fake:]],
         settings={
-            "k": k, "seed": seed, "jpeg_quality": jpeg_quality, "scale": scale, "real_dir": str(real_dir),
-            "real_alignment": sorted({f.how for f in real}), "projection": config.to_dict(),
+            "k": k, "seed": seed, "perturbation": spec.to_json(), "real_dir": str(real_dir),
+            "preparation": sorted({f.how for f in faces}), "projection": config.to_dict(),
             "encoder_sha256": info.encoder["sha256"] if info.encoder else None,
+            "face_template": bool(info.config.get("face_template")),
         },
+        generated_sizes=[f.size() for f in faces[:n_fake]],
+        real_sizes=[f.size() for f in faces[n_fake:]],
     )  # fmt: skip
     set_calibration(settings, name, cal.to_json(), store=store)
     logger.info(

@@ -438,12 +438,13 @@ def stylegan2_from_rosinality(
 
 
 # --- DCGAN -------------------------------------------------------------------------------------------
-def _dcgan_from_state_dict(sd: dict[str, torch.Tensor]) -> Generator:
+def _dcgan_from_state_dict(sd: dict[str, torch.Tensor], *, z_distribution: str = "normal") -> Generator:
+    from projection.dcgan import DCGANGenerator
+
     try:
-        from projection.dcgan import DCGANGenerator
-    except ImportError as exc:
-        raise ModelUnavailableError(f"DCGAN checkpoints need projection.dcgan: {exc}") from exc
-    return DCGANGenerator.from_state_dict(sd)
+        return DCGANGenerator.from_state_dict(sd, z_distribution=z_distribution)
+    except ValueError as exc:
+        raise ModelUnavailableError(f"not a DCGAN generator Sleuth can read: {exc}") from exc
 
 
 # --- safetensors -------------------------------------------------------------------------------------
@@ -456,8 +457,9 @@ def save_safetensors(generator: Generator, path: str | Path, *, source_sha256: s
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in generator.state_dict().items()}
     metadata = {"sleuth_format_version": SAFETENSORS_FORMAT_VERSION, "family": generator.family}
-    if isinstance(generator, StyleGAN2Generator):
-        metadata["config"] = json.dumps(generator.config.to_dict(), sort_keys=True)
+    config = getattr(generator, "config", None)
+    if config is not None and hasattr(config, "to_dict"):  # StyleGAN2 and DCGAN configs
+        metadata["config"] = json.dumps(config.to_dict(), sort_keys=True)
     if source_sha256:
         metadata["source_sha256"] = source_sha256
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -509,7 +511,11 @@ def load_safetensors(path: str | Path) -> Generator:
         tracked = bool(tensors.pop("mapping_net.w_avg_tracked", torch.tensor(False)).item())
         gen: Generator = _fill_generator(cfg, tensors, w_avg_tracked=tracked)
     elif family == "dcgan":
-        gen = _dcgan_from_state_dict(tensors)
+        try:
+            z_distribution = str(json.loads(meta.get("config") or "{}").get("z_distribution", "normal"))
+        except (ValueError, AttributeError) as exc:
+            raise ModelUnavailableError(f"{path}: bad DCGAN config in safetensors metadata: {exc}") from exc
+        gen = _dcgan_from_state_dict(tensors, z_distribution=z_distribution)
     else:
         raise ModelUnavailableError(f"{path}: safetensors file without a known generator family ({family!r})")
     return _frozen(gen)
@@ -548,7 +554,7 @@ def _torch_load(path: Path) -> Any:
         raise ModelUnavailableError(f"{path}: unreadable torch checkpoint: {exc}") from exc
 
 
-def _from_torch_file(path: Path) -> tuple[Generator, str]:
+def _from_torch_file(path: Path, *, z_distribution: str = "normal") -> tuple[Generator, str]:
     ckpt = _torch_load(path)
     if not isinstance(ckpt, dict):
         raise ModelUnavailableError(f"{path}: torch checkpoint is a {type(ckpt).__name__}, not a dict")
@@ -557,14 +563,19 @@ def _from_torch_file(path: Path) -> tuple[Generator, str]:
     if "style.1.weight" in ckpt:
         return stylegan2_from_rosinality(ckpt, None), FORMAT_ROSINALITY
     if isinstance(ckpt.get("netG_state_dict"), dict):
-        return _dcgan_from_state_dict(ckpt["netG_state_dict"]), FORMAT_DCGAN
-    if any(str(k).startswith("main.") for k in ckpt):
-        return _dcgan_from_state_dict(ckpt), FORMAT_DCGAN
+        return _dcgan_from_state_dict(ckpt["netG_state_dict"], z_distribution=z_distribution), FORMAT_DCGAN
+    if any(str(k).startswith(("main.", "generator_deconv.")) for k in ckpt):
+        return _dcgan_from_state_dict(ckpt, z_distribution=z_distribution), FORMAT_DCGAN
     raise ModelUnavailableError(f"{path}: unrecognised torch checkpoint (top-level keys {sorted(ckpt)[:8]})")
 
 
-def load_checkpoint(path: str | Path, *, family: str | None = None) -> tuple[Generator, dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, *, family: str | None = None, z_distribution: str | None = None
+) -> tuple[Generator, dict[str, Any]]:
     """Load a generator from any supported checkpoint without executing code from the file.
+
+    ``z_distribution`` ("normal" or "uniform", DCGAN only): how the generator's z was drawn in training, which a
+    checkpoint does not record (default normal).
 
     Returns the generator (CPU, eval mode, frozen) and an info dict: ``format``, ``family``, ``sha256`` (of
     the file), ``path``, ``config`` (StyleGAN2), ``w_avg_tracked`` (StyleGAN2) and ``source_sha256``
@@ -587,7 +598,11 @@ def load_checkpoint(path: str | Path, *, family: str | None = None) -> tuple[Gen
         if source:
             info["source_sha256"] = source
     else:
-        gen, kind = _from_torch_file(path)
+        gen, kind = _from_torch_file(path, z_distribution=z_distribution or "normal")
+    if z_distribution is not None and gen.family != "dcgan":
+        raise ModelUnavailableError("a latent distribution can be given for DCGAN checkpoints only")
+    if z_distribution is not None and gen.config.z_distribution != z_distribution:  # type: ignore[union-attr]
+        gen = _dcgan_from_state_dict(gen.state_dict(), z_distribution=z_distribution)
     if family is not None and gen.family != family:
         raise ModelUnavailableError(f"{path} holds a {gen.family!r} generator, not {family!r}")
     info.update(format=kind, family=gen.family, resolution=gen.resolution)

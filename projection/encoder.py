@@ -146,36 +146,42 @@ def generator_samples(
     training: TrainingConfig,
     *,
     chunk: int = 256,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``training.samples`` images (uint8 ``[N, 3, R, R]``, most perturbed) and their latents ``[N, D]``;
-    ``progress(done)`` is called after each chunk of samples."""
+    """``training.samples`` images (uint8 ``[N, 3, r, r]``, r = min(R, MAX_INPUT), most perturbed) and their latents
+    ``[N, D]``. Generators larger than ``MAX_INPUT`` are rendered through their exact preview read-out when they
+    have one (the image is reduced to ``MAX_INPUT`` anyway). ``progress("sampling", done, total)`` after each
+    chunk."""
     from projection.calibration import perturb
-    from projection.evidence import to_image
+    from projection.images import to_image
+    from projection.projector import keep_freed_memory_for_reuse
 
+    keep_freed_memory_for_reuse()
     device = next(generator.parameters()).device
     rng = random.Random(training.seed)
     z = generator.sample_z(training.samples, seed=training.seed, device=device)
+    render = generator.synthesize_preview if generator.resolution > MAX_INPUT else generator.synthesize
+    chunk = max(1, min(chunk, 2**22 // max(generator.preview_resolution or generator.resolution, 1) ** 2))
     images, latents = [], []
     with torch.no_grad():
         for lo in range(0, training.samples, chunk):
             zc = z[lo : lo + chunk]
             lat = zc if space == "z" else generator.mapping(zc)  # type: ignore[operator]
-            for t in generator.synthesize(lat, space):  # [3, R, R]
+            for t in render(lat, space):  # [3, P, P]
                 im = to_image(t)
+                if im.width > MAX_INPUT:  # reduce first: the perturbation then acts at the encoder's size
+                    im = im.resize((MAX_INPUT, MAX_INPUT), Image.Resampling.BOX)
                 if rng.random() < training.perturb_fraction:
                     im = perturb(
                         im,
                         jpeg_quality=rng.randint(*training.jpeg_quality),
                         scale=rng.uniform(*training.scale),
                     )
-                if im.width > MAX_INPUT:
-                    im = im.resize((MAX_INPUT, MAX_INPUT), Image.Resampling.BOX)
                 images.append(np.asarray(im))
             latents.append(lat.flatten(1).cpu())
             if progress:
-                progress(len(images))
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # [N, 3, R, R] uint8
+                progress("sampling", min(lo + chunk, training.samples), training.samples)
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # [N, 3, r, r] uint8
     return pixels, torch.cat(latents).float()
 
 
@@ -191,15 +197,50 @@ def train_encoder(
     width: int = 32,
     device: str | torch.device = "cpu",
     progress: Callable[[str, int, int], None] | None = None,
+    sample_cache: Path | None = None,
+    cache_key: str = "",
 ) -> tuple[LatentEncoder, EncoderReport]:
     """Train an encoder for ``generator``'s ``space`` (``z`` or ``w``) on its own samples; deterministic on the
-    CPU for a given seed. ``progress(phase, done, total)`` reports sampling and each epoch."""
+    CPU for a given seed. ``progress(phase, done, total)`` reports sampling and each epoch. ``sample_cache``: a
+    file that keeps the drawn samples (for ``cache_key``, e.g. the generator's weight hash), so training again
+    with other epochs does not draw them again (drawing is most of the time for a large generator)."""
     training = training or TrainingConfig()
     device = torch.device(device)
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
         torch.manual_seed(training.seed)
-        return _train(generator, space, training, width, device, progress, started)
+        samples = _cached_samples(generator, space, training, progress, sample_cache, cache_key)
+        return _train(generator, space, training, width, device, progress, started, samples)
+
+
+def _cached_samples(
+    generator: Generator,
+    space: str,
+    training: TrainingConfig,
+    progress: Callable[[str, int, int], None] | None,
+    cache: Path | None,
+    cache_key: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``generator_samples``, read from / written to ``cache`` (safetensors) when one is given."""
+    what = json.dumps({"key": cache_key, "space": space, "samples": training.samples, "seed": training.seed,
+                       "perturb_fraction": training.perturb_fraction, "jpeg_quality": training.jpeg_quality,
+                       "scale": training.scale, "max_input": MAX_INPUT}, sort_keys=True)  # fmt: skip
+    if cache is not None and cache.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), framework="pt") as fh:
+            if (fh.metadata() or {}).get("samples") == what:
+                logger.info("encoder samples read from %s", cache)
+                return fh.get_tensor("pixels"), fh.get_tensor("latents")
+    if progress:
+        progress("sampling", 0, training.samples)
+    pixels, latents = generator_samples(generator, space, training, progress=progress)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(cache.suffix + ".tmp")
+        save_file({"pixels": pixels, "latents": latents}, str(tmp), metadata={"samples": what})
+        tmp.replace(cache)
+    return pixels, latents
 
 
 def _train(
@@ -210,11 +251,9 @@ def _train(
     device: torch.device,
     progress: Callable[[str, int, int], None] | None,
     started: float,
+    samples: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[LatentEncoder, EncoderReport]:
-    if progress:
-        progress("sampling", 0, training.samples)
-    on_chunk = None if progress is None else (lambda done: progress("sampling", done, training.samples))
-    pixels, latents = generator_samples(generator, space, training, progress=on_chunk)
+    pixels, latents = samples
     config = EncoderConfig(min(generator.resolution, MAX_INPUT), space, latents.shape[1], width=width)
     encoder = LatentEncoder(config).to(device)
     train_latents = latents[training.holdout :]
@@ -343,8 +382,11 @@ def train_generator_encoder(
     device = device or settings.device
     generator, info = load_generator(settings, name, device=device, store=store)
     space = "w" if info.latent_space in ("w", "w+") else "z"
-    encoder, report = train_encoder(generator, space, training, width=width, device=device, progress=progress)
     path = encoder_path(settings, name)
+    encoder, report = train_encoder(
+        generator, space, training, width=width, device=device, progress=progress,
+        sample_cache=path.with_name(f"{name}.encoder-samples.safetensors"), cache_key=info.weights_sha256,
+    )  # fmt: skip
     save_encoder(encoder, path, report)
     record = {
         "path": str(path),

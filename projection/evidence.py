@@ -1,21 +1,22 @@
 """Projection evidence for the rest of Sleuth: faces in, latent-space verdict out.
 
-``project_images`` takes images (each holding a face), aligns the face FFHQ-style to the generator's resolution
-(MTCNN when a detector is given or configured; an image that is already a square crop of that size is used as
-it is), projects all faces of the call in batched runs into one registered generator and returns one
+``project_images`` takes images (each holding a face), prepares each face the one way Sleuth does
+(``projection.face_prep``: detected, aligned to the generator's own framing or taken as an aligned crop, kept at
+its effective size), projects all faces of the call in batched runs into one registered generator and returns one
 ``Evidence`` per image: latent, reconstruction, difference map, LPIPS, calibrated p(generated) (``None`` before
 ``sleuth generators calibrate``), nearest stored latents, steps, seconds and the loss trace.
+
+The evidence LPIPS compares the reconstruction with the query the way the query was made: the reconstruction is
+reduced to the face's effective size and, for a JPEG query, re-encoded at the query's JPEG quality, then both are
+compared at that size (at most the LPIPS resolution), over the pixels the query has (``projection.scoring``).
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +29,18 @@ from indexer.settings import Settings
 from indexer.store.db import Store, open_store
 from projection.calibration import Calibration
 from projection.encoder import predict_starts
+from projection.face_prep import FaceTemplate, PreparedFace, measure_face_template, prepare_face
+from projection.images import png_data_uri, to_image, to_tensor
 from projection.latent_match import LatentMatch, LatentMatcher
 from projection.lpips_loader import load_lpips
-from projection.projector import ProjectionConfig, ProjectionResult, project, resolve_space
-from projection.registry import GeneratorInfo, load_encoder_of, load_generator
+from projection.projector import ProjectionConfig, ProjectionResult, project, resize_to, resolve_space
+from projection.registry import GeneratorInfo, load_encoder_of, load_generator, set_face_template
+from projection.scoring import compare_target, evidence_scores
 
 logger = logging.getLogger(__name__)
 
 DIFFERENCE_GAIN = 4.0  # the difference map shows |target - reconstruction| * gain (clipped)
-
-
-@dataclass
-class PreparedFace:
-    """A face at the generator's resolution and how it was obtained."""
-
-    image: Image.Image
-    how: str  # "mtcnn-ffhq", "as-is" or "centre-crop"
-    box: tuple[float, float, float, float] | None = None
-    score: float | None = None
+LARGE_GENERATOR_BATCH = 4  # faces projected at once into generators of 512 px and more (memory)
 
 
 @dataclass
@@ -54,13 +49,15 @@ class Evidence:
 
     generator: str
     family: str
+    description: str  # what the generator is, as registered (a distilled student says whose)
     space: str
     latent: np.ndarray  # latent_shape(space), float32
     target: Image.Image  # the face as projected (generator resolution)
     reconstruction: Image.Image
     difference: Image.Image
-    lpips: float
+    lpips: float  # the evidence: reconstruction degraded like the query, compared at the effective size
     mse: float
+    objective_lpips: float  # what the optimisation reached (no re-encoding)
     probability_generated: float | None
     calibration_sizes: dict[str, int] | None
     latent_matches: list[LatentMatch]
@@ -68,7 +65,8 @@ class Evidence:
     seconds: float
     loss_trace: list[float]
     start_index: int = 0
-    face: dict[str, Any] = field(default_factory=dict)  # how the face was prepared (and its box)
+    face: dict[str, Any] = field(default_factory=dict)  # how the face was prepared (PreparedFace.to_json)
+    probability_note: str | None = None  # why there is no probability, when there is none
 
     def to_json(
         self, *, images: str = "none", image_dir: Path | None = None, stem: str = "face"
@@ -78,11 +76,14 @@ class Evidence:
         doc: dict[str, Any] = {
             "generator": self.generator,
             "family": self.family,
+            "description": self.description,
             "space": self.space,
             "lpips": self.lpips,
             "mse": self.mse,
+            "objective_lpips": self.objective_lpips,
             "probability_generated": self.probability_generated,
             "calibration_sizes": self.calibration_sizes,
+            "probability_note": self.probability_note,
             "latent_matches": [m.to_json() for m in self.latent_matches],
             "steps": self.steps,
             "seconds": self.seconds,
@@ -106,25 +107,6 @@ class Evidence:
         return doc
 
 
-def png_data_uri(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-# --- images <-> tensors ----------------------------------------------------------------------------------
-def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
-    """PIL RGB images of one size -> ``[N, 3, H, W]`` float32 in [-1, 1]."""
-    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]  # each [H, W, 3]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
-def to_image(tensor: torch.Tensor) -> Image.Image:
-    """``[3, H, W]`` in [-1, 1] -> PIL RGB (rounded, clipped)."""
-    arr = ((tensor.detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(arr.permute(1, 2, 0).numpy(), mode="RGB")
-
-
 def difference_map(target: torch.Tensor, reconstruction: torch.Tensor) -> Image.Image:
     """Grey-level ``|target - reconstruction|`` (mean over channels, x ``DIFFERENCE_GAIN``) as RGB."""
     diff = (target.detach().cpu() - reconstruction.detach().cpu()).abs().mean(dim=0) / 2  # [H, W] in [0, 1]
@@ -133,24 +115,50 @@ def difference_map(target: torch.Tensor, reconstruction: torch.Tensor) -> Image.
 
 
 # --- faces ---------------------------------------------------------------------------------------------
-def prepare_face(image: Image.Image, resolution: int, *, detector: Any | None = None) -> PreparedFace:
-    """The face of ``image`` at ``resolution``: as-is when already that size, else the best MTCNN face aligned
-    FFHQ-style (with a detector), else the centre square resized (no detector, or no face found)."""
-    image = image.convert("RGB")
-    if image.size == (resolution, resolution):
-        return PreparedFace(image, "as-is")
-    if detector is not None:
-        from indexer.faces import describe_faces
+def face_template_of(
+    settings: Settings,
+    info: GeneratorInfo,
+    generator: Any,
+    detector: Any | None,
+    *,
+    store: Store | None = None,
+) -> FaceTemplate | None:
+    """The generator's face template (its own framing): stored in the registry, or measured now on its samples
+    with ``detector`` and stored. ``None`` without a detector or when MTCNN finds no faces in its samples."""
+    stored = info.config.get("face_template")
+    if stored:
+        return FaceTemplate.from_json(stored)
+    if detector is None or stored is not None:  # {} records a measurement that found no faces
+        return None
+    logger.info("measuring the face template of %s on its own samples", info.name)
+    template = measure_face_template(generator, detector)
+    set_face_template(settings, info.name, template.to_json() if template else {}, store=store)
+    return template
 
-        found = describe_faces(image, detector, size=resolution, max_faces=1)
-        if found:
-            face, crop = found[0]
-            return PreparedFace(crop, "mtcnn-ffhq", tuple(face.box), float(face.score))  # type: ignore[arg-type]
-        logger.info("no face found; projecting the centre square of the image")
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    square = image.crop((left, top, left + side, top + side))
-    return PreparedFace(square.resize((resolution, resolution), Image.Resampling.LANCZOS), "centre-crop")
+
+def prepare_faces(
+    settings: Settings,
+    images: Sequence[Image.Image],
+    generator_name: str,
+    *,
+    detector: Any | None = None,
+    jpeg_qualities: Sequence[int | None] | None = None,
+    store: Store | None = None,
+) -> list[PreparedFace]:
+    """Each image's face prepared for ``generator_name`` by ``projection.face_prep.prepare_face`` with the
+    generator's face template; ``detector`` ``None`` loads the configured one (``SLEUTH_FACE_DETECTOR``), if any.
+    The one preparation `sleuth project`, the API's refine, calibration and the benchmarks share."""
+    generator, info = load_generator(settings, generator_name, device=settings.device, store=store)
+    if detector is None and settings.face_detector:
+        from indexer.faces import load_face_detector
+
+        detector = load_face_detector(settings)
+    template = face_template_of(settings, info, generator, detector, store=store)
+    qualities = list(jpeg_qualities) if jpeg_qualities is not None else [None] * len(images)
+    return [
+        prepare_face(im, generator.resolution, template=template, detector=detector, jpeg_quality=q)
+        for im, q in zip(images, qualities, strict=True)
+    ]
 
 
 # --- models loaded once per process ----------------------------------------------------------------------
@@ -200,17 +208,19 @@ def project_faces(
     store: Store | None = None,
     match_k: int = 5,
     batch_size: int = 32,
-    rerank_pool: int = 50,
-    progress: Callable[[int, int], None] | None = None,
+    rerank_pool: int | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> list[Evidence]:
-    """Project prepared faces (at the generator's resolution) into ``generator_name``; one ``Evidence`` each.
+    """Project prepared faces (``prepare_faces``) into ``generator_name``; one ``Evidence`` each.
+
+    ``progress(faces_done, step, steps)`` is called after every projection step of every batch.
 
     ``starts[i]``: extra start latents ``[S, *latent_shape]`` for face ``i``. Where the generator has a trained
     latent encoder (``sleuth generators train-encoder``), its prediction for the face is start 1 and the given
     starts follow; the default config then uses it in place of the mean latent and the random search.
-    Latent matches: the ``rerank_pool`` stored latents nearest in direction, re-ranked by how close their own
-    image is to the face (``rerank_by_image``); the best ``match_k`` are kept.
-    ``progress(done, steps)`` is called after each optimisation step of each batch (done from 1).
+    Latent matches: the ``rerank_pool`` stored latents nearest in direction (default 50, 10 for generators above
+    256 px), re-ranked by how close their own image is to the face (``rerank_by_image``); the best ``match_k``
+    are kept.
     """
     device = device or settings.device
     own_store = store is None
@@ -227,8 +237,10 @@ def project_faces(
         res = generator.resolution
         for f in faces:
             if f.image.size != (res, res):
-                raise ValueError(f"faces must be {res}x{res} (use prepare_face), got {f.image.size}")
+                raise ValueError(f"faces must be {res}x{res} (use prepare_faces), got {f.image.size}")
         results: list[ProjectionResult] = []
+        if res >= 512:  # a row of a 1024 px generator holds GBs of activations; rows cost the same on a CPU
+            batch_size = min(batch_size, LARGE_GENERATOR_BATCH)
         for lo in range(0, len(faces), batch_size):
             chunk = faces[lo : lo + batch_size]
             targets = to_tensor([f.image for f in chunk])
@@ -245,59 +257,88 @@ def project_faces(
                 chunk_starts = [
                     torch.cat([predicted[i : i + 1], g.reshape(-1, *shape)]) for i, g in enumerate(given)
                 ]
-            on_step = None if progress is None else partial(_report_step, progress, config.steps)
+            done, steps = len(results), config.steps
             results += project(
-                generator, targets, lpips_model=lpips_model, config=config, starts=chunk_starts, device=device,
-                progress=on_step,
+                generator, targets, lpips_model=lpips_model, config=config, starts=chunk_starts,
+                compare=[compare_target(f) for f in chunk], device=device,
+                progress=None if progress is None else _step_reporter(progress, done, steps),
             )  # fmt: skip
+        scores = evidence_scores(
+            lpips_model, [r.reconstruction for r in results], faces, lpips_resolution=config.lpips_resolution
+        )
         matcher = LatentMatcher.open(settings, st, generator_name, results[0].space if results else "z")
-        pool = max(match_k, rerank_pool) if match_k > 0 else 0
+        pool_size = rerank_pool if rerank_pool is not None else (50 if res <= 256 else 10)
+        pool = max(match_k, pool_size) if match_k > 0 else 0
         matches = matcher.match(np.stack([r.latent.numpy() for r in results]), k=pool) if results else []
         if pool > match_k:
-            targets = to_tensor([f.image for f in faces])
             matches = [
-                rerank_by_image(generator, r.space, targets[i], found, matcher)[:match_k]
-                for i, (r, found) in enumerate(zip(results, matches, strict=True))
+                rerank_by_image(generator, r.space, face, found, matcher)[:match_k]
+                for face, r, found in zip(faces, results, matches, strict=True)
             ]
     finally:
         if own_store:
             st.dispose()
     sizes = {"n_generated": calibration.n_generated, "n_real": calibration.n_real} if calibration else None
     out = []
-    for face, r, m in zip(faces, results, matches, strict=True):
+    for face, r, m, (lp, mse) in zip(faces, results, matches, scores, strict=True):
         target = to_tensor([face.image])[0]
+        probability, note = _probability(calibration, lp, face.size(), generator_name)
         out.append(
             Evidence(
                 generator=generator_name,
                 family=info.family,
+                description=info.description,
                 space=r.space,
                 latent=r.latent.numpy().astype(np.float32),
                 target=face.image,
                 reconstruction=to_image(r.reconstruction),
                 difference=difference_map(target, r.reconstruction),
-                lpips=r.lpips,
-                mse=r.mse,
-                probability_generated=calibration.probability(r.lpips) if calibration else None,
+                lpips=lp,
+                mse=mse,
+                objective_lpips=r.lpips,
+                probability_generated=probability,
                 calibration_sizes=sizes,
+                probability_note=note,
                 latent_matches=m,
                 steps=r.steps,
                 seconds=r.seconds,
                 loss_trace=r.loss_trace,
                 start_index=r.start_index,
-                face={"how": face.how, "box": face.box, "score": face.score},
+                face=face.to_json(),
             )
         )
     return out
 
 
-def _report_step(progress: Callable[[int, int], None], steps: int, step: int, _active_rows: int) -> None:
-    progress(step + 1, steps)  # the projector counts steps from 0
+def _step_reporter(
+    progress: Callable[[int, int, int], None], done: int, steps: int
+) -> Callable[[int, int], None]:
+    """The projector's ``progress(step, active_rows)`` as ``progress(faces_done, step, steps)``."""
+    return lambda step, _active: progress(done, step + 1, steps)
+
+
+def _probability(
+    calibration: Calibration | None, lpips: float, size: int, name: str
+) -> tuple[float | None, str | None]:
+    """p(generated) for ``lpips`` where the calibration covers a face of ``size`` px, else why there is none."""
+    if calibration is None:
+        return None, f"not calibrated (run `sleuth generators calibrate {name}`)"
+    if not calibration.covers(size):
+        return None, (
+            f"the face's effective size ({size} px) is below the smallest the calibration measured "
+            f"({calibration.min_size} px): no probability"
+        )
+    return calibration.probability(lpips), None
+
+
+RERANK_SIZE = 64  # stored latents' images and the face are compared at this size (or the face's, if smaller)
 
 
 def rerank_by_image(
-    generator: Any, space: str, target: torch.Tensor, found: list[LatentMatch], matcher: LatentMatcher
+    generator: Any, space: str, face: PreparedFace, found: list[LatentMatch], matcher: LatentMatcher
 ) -> list[LatentMatch]:
-    """``found`` ordered by the pixel MSE between each stored latent's image and ``target`` ``[3, R, R]``.
+    """``found`` ordered by the pixel MSE between each stored latent's image and the face (both at most
+    ``RERANK_SIZE`` px, over the pixels the query has).
 
     The projected latent of a perturbed generated face points roughly towards its true latent (cosine ~0.5 for
     DCGAN z); rendering the nearest candidates and comparing images separates the true one from look-alikes.
@@ -307,13 +348,25 @@ def rerank_by_image(
     vecs = matcher.vectors([m.latent_id for m in found])
     shape = generator.latent_shape(space)
     device = next(generator.parameters()).device
+    target = compare_target(face)
+    size = min(RERANK_SIZE, target.size)
+    want = resize_to(target.image[None], size)  # [1, 3, s, s]
+    weight = (
+        torch.ones(1, 1, size, size)
+        if target.mask is None
+        else (resize_to(target.mask[None], size) > 0.5).float()
+    )
+    chunk = max(1, 2**22 // generator.resolution**2)
+    errors: list[float] = []
     with torch.no_grad():
-        latents = (
-            torch.from_numpy(np.stack([vecs[m.latent_id] for m in found])).reshape(-1, *shape).to(device)
-        )
-        images = generator.synthesize(latents, space)  # [n, 3, R, R]
-        mse = (images.cpu() - target[None]).square().mean(dim=(1, 2, 3))  # [n]
-    for m, e in zip(found, mse.tolist(), strict=True):
+        latents = torch.from_numpy(np.stack([vecs[m.latent_id] for m in found])).reshape(-1, *shape)
+        for lo in range(0, len(latents), chunk):
+            images = generator.synthesize_preview(
+                latents[lo : lo + chunk].to(device), space
+            ).cpu()  # [c, 3, P, P]
+            diff = (resize_to(images, size) - want).square() * weight
+            errors += (diff.sum(dim=(1, 2, 3)) / (3 * weight.sum()).clamp_min(1)).tolist()
+    for m, e in zip(found, errors, strict=True):
         m.image_mse = float(e)
     return sorted(found, key=lambda m: m.image_mse if m.image_mse is not None else float("inf"))
 
@@ -327,30 +380,31 @@ def project_images(
     steps: int | None = None,
     config: ProjectionConfig | None = None,
     detector: Any | None = None,
+    jpeg_qualities: Sequence[int | None] | None = None,
     store: Store | None = None,
     match_k: int = 5,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> list[Evidence]:
-    """One ``Evidence`` per image, in input order: its face (see ``prepare_face``) projected into the generator.
+    """One ``Evidence`` per image, in input order: its face (``prepare_faces``) projected into the generator.
 
     ``detector``: an MTCNN ``FaceDetector``; ``None`` loads the configured one (``SLEUTH_FACE_DETECTOR``) if any.
+    ``jpeg_qualities``: each image's JPEG quality (``DecodedImage.jpeg_quality``), for the evidence comparison.
     ``steps`` overrides the configured number of projection steps.
     """
     own_store = store is None
     st = store or open_store(settings)
     try:
-        generator, info = load_generator(settings, generator_name, device=device or settings.device, store=st)
-        if detector is None and settings.face_detector is not None:
-            from indexer.faces import load_face_detector
-
-            detector = load_face_detector(settings)
-        faces = [prepare_face(im, generator.resolution, detector=detector) for im in images]
+        if device is not None:
+            settings = settings.model_copy(update={"device": str(device)})
+        _, info = load_generator(settings, generator_name, device=settings.device, store=st)
+        faces = prepare_faces(
+            settings, images, generator_name, detector=detector, jpeg_qualities=jpeg_qualities, store=st
+        )
         if steps is not None:
             config = replace(config, steps=steps) if config else projection_config(info, steps=steps)
         return project_faces(
-            settings, faces, generator_name, device=device, config=config, store=st, match_k=match_k,
-            progress=progress,
-        )  # fmt: skip
+            settings, faces, generator_name, config=config, store=st, match_k=match_k, progress=progress
+        )
     finally:
         if own_store:
             st.dispose()

@@ -20,6 +20,8 @@ class Generator(nn.Module, ABC):
     resolution: int
     z_dim: int
     latent_spaces: tuple[str, ...] = ("z",)
+    # > 0 where ``synthesize_preview`` gives the image at this lower resolution for less work (see there)
+    preview_resolution: int = 0
 
     @abstractmethod
     def latent_shape(self, space: str) -> tuple[int, ...]:
@@ -39,6 +41,16 @@ class Generator(nn.Module, ABC):
     def latent_std(self, space: str, *, num_samples: int = 10_000, seed: int = 0) -> float:
         """Scalar spread of latents in ``space`` (used to scale the projector's step and noise)."""
         return 1.0
+
+    def synthesize_preview(self, latent: torch.Tensor, space: str) -> torch.Tensor:
+        """The image area-downsampled to ``preview_resolution`` ``[N, 3, P, P]``, computed without the work of the
+        last upsampling stage, where the generator has such an exact read-out (measured when it was registered);
+        otherwise ``synthesize``'s full image. The projector optimises against it when the comparison resolution
+        is at most ``preview_resolution``."""
+        return self.synthesize(latent, space)
+
+    def constrain_(self, latent: torch.Tensor, space: str) -> None:
+        """Bring a latent being optimised back into the space's support, in place (default: unbounded)."""
 
     def sample_z(self, n: int, *, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """``n`` latents from N(0, I) in z, reproducible from ``seed`` (CPU generator, then moved)."""

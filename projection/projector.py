@@ -44,6 +44,30 @@ from projection.generator_base import Generator
 
 logger = logging.getLogger(__name__)
 
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory_for_reuse() -> None:
+    """Ask glibc to keep large freed blocks in the heap instead of returning them to the OS (once per process).
+
+    Every projection step allocates and frees the generator's activations (hundreds of MB at 1024 px). glibc
+    serves blocks that large with mmap and gives them back with munmap, so the kernel maps and zeroes fresh
+    pages at every step: on MobileStyleGAN-FFHQ that doubled the time of a step on this CPU (2.3-3.1 s against
+    1.3-1.5 s on one core). The cost is that the process keeps its peak heap. No-op off glibc."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GiB come from the heap
+        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: do not trim the heap's top back to the OS
+    except (OSError, AttributeError):
+        logger.debug("mallopt is not available; projection runs with the allocator's defaults")
+
+
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 ENCODER_STEPS = 100  # the fast setting from an encoder's start (measured in benchmarks/projection.py)
@@ -70,6 +94,7 @@ class ProjectionConfig:
     early_stop: bool = True
     candidate_starts: int = 0  # > 0: also start from the best (pixel MSE) of this many random z samples
     mean_start: bool = True  # False: skip the mean latent where other starts are given (one row per target)
+    preview: bool = True  # optimise on the generator's exact lower-resolution read-out when it suffices
 
     @classmethod
     def fast(cls, space: str = "w", *, encoder: bool = False) -> ProjectionConfig:
@@ -86,8 +111,9 @@ class ProjectionConfig:
 
     @classmethod
     def published(cls, space: str = "w") -> ProjectionConfig:
-        """The paper's settings: 1000 steps, lr 0.1, LPIPS only (no MSE), no early stopping."""
-        return cls(space=space, steps=1000, lr=0.1, mse_weight=0.0, early_stop=False)
+        """The paper's settings: 1000 steps, lr 0.1, LPIPS only (no MSE), no early stopping, every step at the
+        generator's full resolution."""
+        return cls(space=space, steps=1000, lr=0.1, mse_weight=0.0, early_stop=False, preview=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,19 +235,63 @@ def synthesize(
     return generator.synthesize(latent, space)
 
 
-# --- LPIPS with the targets' features computed once ----------------------------------------------------
+# --- comparison targets and LPIPS with their features computed once ---------------------------------------
+LPIPS_MIN_SIDE = 64  # smaller comparisons are enlarged (bilinear, both images alike) before LPIPS
+
+
+@dataclass
+class CompareTarget:
+    """What a reconstruction is compared with: the face at its effective size in the query's own pixels."""
+
+    image: torch.Tensor  # [3, s, s] in [-1, 1]
+    mask: torch.Tensor | None = None  # [1, s, s] in {0, 1}: 1 where the query has pixels (None: everywhere)
+
+    @property
+    def size(self) -> int:
+        return int(self.image.shape[-1])
+
+
+def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N, C, size, size]``: area average when reducing, bilinear when enlarging."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    if images.shape[-1] > size:
+        return F.interpolate(images, size=(size, size), mode="area")
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def comparison_size(target_size: int, lpips_resolution: int) -> int:
+    """The side both images are brought to for the loss and the evidence: the target's, at most LPIPS's."""
+    return min(target_size, lpips_resolution)
+
+
+def _lpips_input(images: torch.Tensor) -> torch.Tensor:
+    return resize_to(images, LPIPS_MIN_SIDE) if images.shape[-1] < LPIPS_MIN_SIDE else images
+
+
 class LpipsDistance:
     """VGG/AlexNet LPIPS of candidate images against fixed targets, the targets' features computed once.
 
     Uses the ``lpips.LPIPS`` module's own pieces (scaling layer, backbone slices, unit-normalisation, linear
-    layers), so ``distance`` equals ``lpips_model(candidates, targets)``.
+    layers), so ``distance`` equals ``lpips_model(candidates, targets)`` where no mask is given. Targets may have
+    different sizes; with a mask, each layer's spatial map is averaged over the pixels the query has.
     """
 
-    def __init__(self, lpips_model: torch.nn.Module, targets: torch.Tensor) -> None:
-        """targets: ``[M, 3, H, W]`` in [-1, 1]."""
+    def __init__(
+        self,
+        lpips_model: torch.nn.Module,
+        targets: list[torch.Tensor],
+        masks: list[torch.Tensor | None] | None = None,
+    ) -> None:
+        """targets: ``[3, c, c]`` each, in [-1, 1], at their comparison size; masks: ``[1, c, c]`` or None."""
         self.model: Any = lpips_model  # an lpips.LPIPS (untyped package)
+        self.sizes = [int(t.shape[-1]) for t in targets]
+        self.masks = list(masks) if masks is not None else [None] * len(targets)
+        self.target_feats: list[list[torch.Tensor]] = []  # per target: [C_k, h_k, w_k] per layer
         with torch.no_grad():
-            self.target_feats = [self._normalized(f) for f in self._features(targets)]
+            for t in targets:
+                feats = self._features(_lpips_input(t[None]))
+                self.target_feats.append([self._normalized(f)[0] for f in feats])
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.model.net(self.model.scaling_layer(x)))
@@ -231,19 +301,81 @@ class LpipsDistance:
         return f * torch.rsqrt(f.square().sum(dim=1, keepdim=True) + 1e-20)  # = lpips.normalize_tensor
 
     def distance(self, candidates: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """LPIPS ``[n]`` of candidates ``[n, 3, H, W]`` against the targets ``rows`` (indices ``[n]``)."""
+        """LPIPS ``[n]`` of candidates ``[n, 3, c, c]`` against targets ``rows`` (indices ``[n]``, one size c)."""
+        idx = rows.tolist()
         total = candidates.new_zeros(candidates.shape[0])
-        for k, feat in enumerate(self._features(candidates)):
-            diff = (self._normalized(feat) - self.target_feats[k][rows]) ** 2  # [n, C_k, h, w]
-            total = total + self.model.lins[k](diff).mean(dim=(1, 2, 3))
+        masks = [self.masks[i] for i in idx]
+        for k, feat in enumerate(self._features(_lpips_input(candidates))):
+            target = torch.stack([self.target_feats[i][k] for i in idx])  # [n, C_k, h, w]
+            spatial = self.model.lins[k]((self._normalized(feat) - target) ** 2)  # [n, 1, h, w]
+            if all(m is None for m in masks):
+                total = total + spatial.mean(dim=(1, 2, 3))
+                continue
+            weight = torch.stack(
+                [
+                    torch.ones_like(spatial[0]) if m is None else resize_to(m[None], spatial.shape[-1])[0]
+                    for m in masks
+                ]
+            )  # [n, 1, h, w]
+            total = total + (spatial * weight).sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3)).clamp_min(1e-6)
         return total
 
 
-def _to_lpips_resolution(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Area-downsample ``[N, 3, R, R]`` to ``resolution`` when R is larger; smaller images stay as they are."""
-    if images.shape[-1] > resolution:
-        return F.interpolate(images, size=(resolution, resolution), mode="area")
-    return images
+def masked_mse(images: torch.Tensor, targets: torch.Tensor, masks: list[torch.Tensor | None]) -> torch.Tensor:
+    """Per-row pixel MSE ``[n]`` of ``images`` and ``targets`` ``[n, 3, c, c]`` over the pixels each mask keeps."""
+    if all(m is None for m in masks):
+        return (images - targets).square().mean(dim=(1, 2, 3))
+    c = images.shape[-1]
+    weight = torch.stack(
+        [torch.ones(1, c, c, device=images.device) if m is None else resize_to(m[None], c)[0] for m in masks]
+    )  # [n, 1, c, c]
+    return ((images - targets).square() * weight).sum(dim=(1, 2, 3)) / (
+        3 * weight.sum(dim=(1, 2, 3))
+    ).clamp_min(1e-6)
+
+
+class Comparisons:
+    """Each target at its comparison size (and mask), grouped so that rows of one size are compared together."""
+
+    def __init__(
+        self,
+        lpips_model: torch.nn.Module,
+        compare: list[CompareTarget],
+        config: ProjectionConfig,
+        device: torch.device,
+    ) -> None:
+        self.sizes = [comparison_size(c.size, config.lpips_resolution) for c in compare]
+        self.images = [
+            resize_to(c.image[None].to(device, torch.float32), s)[0]
+            for c, s in zip(compare, self.sizes, strict=True)
+        ]
+        self.masks: list[torch.Tensor | None] = [
+            None
+            if c.mask is None
+            else (resize_to(c.mask[None].to(device, torch.float32), s)[0] > 0.5).float()
+            for c, s in zip(compare, self.sizes, strict=True)
+        ]
+        self.lpips = LpipsDistance(lpips_model, self.images, self.masks)
+
+    def largest(self, targets: list[int]) -> int:
+        return max(self.sizes[t] for t in targets)
+
+    def loss(
+        self, images: torch.Tensor, target_rows: list[int], config: ProjectionConfig
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(objective, LPIPS, MSE), each ``[n]``, of ``images`` ``[n, 3, H, W]`` against targets ``target_rows``."""
+        n = images.shape[0]
+        lp, mse = images.new_zeros(n), images.new_zeros(n)
+        for size in sorted({self.sizes[t] for t in target_rows}):
+            sel = [i for i, t in enumerate(target_rows) if self.sizes[t] == size]
+            idx = torch.tensor(sel, device=images.device)
+            tg = [target_rows[i] for i in sel]
+            small = resize_to(images[idx], size)
+            if config.lpips_weight:
+                lp = lp.index_put((idx,), self.lpips.distance(small, torch.tensor(tg)))
+            tgt = torch.stack([self.images[t] for t in tg])  # MSE is cheap: always reported
+            mse = mse.index_put((idx,), masked_mse(small, tgt, [self.masks[t] for t in tg]))
+        return config.lpips_weight * lp + config.mse_weight * mse, lp, mse
 
 
 # --- the batched run ---------------------------------------------------------------------------------
@@ -327,19 +459,26 @@ def project(
     lpips_model: torch.nn.Module,
     config: ProjectionConfig | None = None,
     starts: list[torch.Tensor] | None = None,
+    compare: list[CompareTarget] | None = None,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
 ) -> list[ProjectionResult]:
     """Project each of ``targets`` ``[B, 3, R, R]`` (in [-1, 1]) into ``generator``; one result per target.
 
+    ``compare[b]``: what target ``b``'s reconstructions are scored against (the face at its effective size, with
+    a mask; default: the target itself); the loss and the result's LPIPS compare at ``comparison_size``.
     ``starts[b]``: optional extra start latents ``[S_b, *latent_shape]`` for target ``b`` (the mean latent is
     always start 0). Every (target, start) pair is one row of one batched optimisation; per target the row with
     the lowest final objective wins. ``progress(step, active_rows)`` is called after each step.
     """
     config = config or ProjectionConfig()
     device = torch.device(device)
+    keep_freed_memory_for_reuse()
     res = generator.resolution
     assert targets.ndim == 4 and targets.shape[1:] == (3, res, res), (tuple(targets.shape), res)
+    if compare is None:
+        compare = [CompareTarget(t) for t in targets]
+    assert len(compare) == targets.shape[0], (len(compare), targets.shape[0])
     space = resolve_space(generator, config.space)
     shape = generator.latent_shape(space)
     started = time.perf_counter()
@@ -350,20 +489,13 @@ def project(
     grad_flags = [p.requires_grad for p in generator.parameters()]
     generator.requires_grad_(False)
     try:
+        comparisons = Comparisons(lpips_model, compare, config, device)
         rows_best, row_state, row_noises, target_of, start_of = _optimise(
-            generator,
-            targets.to(device, torch.float32),
-            lpips_model,
-            config,
-            starts,
-            space,
-            shape,
-            device,
-            progress,
+            generator, comparisons, targets.shape[0], config, starts, space, shape, device, progress
         )
         results = _finish(
-            generator, targets.to(device, torch.float32), lpips_model, config, space, rows_best, row_noises,
-            row_state, target_of, start_of,
+            generator, comparisons, targets.shape[0], config, space, rows_best, row_noises, row_state, target_of,
+            start_of,
         )  # fmt: skip
     finally:
         for p, flag in zip(generator.parameters(), grad_flags, strict=True):
@@ -372,6 +504,20 @@ def project(
     for r in results:
         r.seconds = seconds
     return results
+
+
+def _render(
+    generator: Generator,
+    latent: torch.Tensor,
+    space: str,
+    noises: list[torch.Tensor],
+    size: int,
+    preview: bool,
+) -> torch.Tensor:
+    """Images of the rows for a comparison at ``size``: the exact preview read-out when it is large enough."""
+    if preview and not noises and 0 < size <= generator.preview_resolution:
+        return generator.synthesize_preview(latent, space)
+    return synthesize(generator, latent, space, noises)
 
 
 def _with_best_candidates(
@@ -385,6 +531,7 @@ def _with_best_candidates(
     """``starts`` plus, per target, the latent of the ``config.candidate_starts`` random z samples (seeded by
     ``config.seed``) whose image is nearest the target in pixel MSE: a forward-only search for a good basin."""
     z = generator.sample_z(config.candidate_starts, seed=config.seed, device=targets.device)  # [K, *z_shape]
+    chunk = max(1, min(chunk, 2**22 // generator.resolution**2))
     with torch.no_grad():
         latents = z if space == "z" else generator.mapping(z)  # type: ignore[operator]
         if space == "w+":
@@ -392,8 +539,9 @@ def _with_best_candidates(
             latents = latents[:, None, :].expand(-1, num_ws, -1)  # [K, num_ws, w_dim]
         errors = []
         for lo in range(0, len(latents), chunk):
-            images = generator.synthesize(latents[lo : lo + chunk], space)  # [c, 3, R, R]
-            errors.append(torch.cdist(targets.flatten(1), images.flatten(1)))  # [B, c] (L2 = sqrt(MSE * D))
+            images = generator.synthesize_preview(latents[lo : lo + chunk], space)  # [c, 3, P, P]
+            small = resize_to(targets, images.shape[-1])
+            errors.append(torch.cdist(small.flatten(1), images.flatten(1)))  # [B, c] (L2 = sqrt(MSE * D))
         best = torch.cat(errors, dim=1).argmin(dim=1)  # [B]
     out: list[torch.Tensor] = []
     for b in range(targets.shape[0]):
@@ -405,8 +553,8 @@ def _with_best_candidates(
 
 def _optimise(
     generator: Generator,
-    targets: torch.Tensor,
-    lpips_model: torch.nn.Module,
+    comparisons: Comparisons,
+    n_targets: int,
     config: ProjectionConfig,
     starts: list[torch.Tensor] | None,
     space: str,
@@ -415,7 +563,7 @@ def _optimise(
     progress: Callable[[int, int], None] | None,
 ) -> tuple[torch.Tensor, _RowState, list[torch.Tensor], list[int], list[int]]:
     """The optimisation loop over all rows. Returns the best latents and noise maps per row and the row state."""
-    init, target_of, start_of = _start_rows(generator, space, targets.shape[0], starts, config.mean_start)
+    init, target_of, start_of = _start_rows(generator, space, n_targets, starts, config.mean_start)
     n_rows = init.shape[0]
     gens = _row_generators(config.seed, start_of)
     all_rows = list(range(n_rows))
@@ -425,8 +573,6 @@ def _optimise(
     if noises:
         normalize_noises_(noises, torch.arange(n_rows, device=device))
     std_total = generator.latent_std(space) * math.sqrt(math.prod(shape[-1:] if space == "w+" else shape))
-    target_row = torch.tensor(target_of, device=device)
-    lpips_targets = LpipsDistance(lpips_model, _to_lpips_resolution(targets, config.lpips_resolution))
     adam = _Adam([latent, *noises])
     best_latent = latent.clone()
     best_noises = [v.clone() for v in noises]
@@ -442,20 +588,24 @@ def _optimise(
         if rows.numel() == 0:
             break
         row_list = rows.tolist()
+        row_targets = [target_of[r] for r in row_list]
         noise_scale = latent_noise_scale(config, step, std_total)
         w_noise = _randn(gens, row_list, shape).to(device) * noise_scale  # [n, *shape]
         lat = latent[rows].clone().requires_grad_(True)
         row_noise = [v[rows].clone().requires_grad_(True) for v in noises]
-        images = synthesize(generator, lat + w_noise, space, row_noise)  # [n, 3, R, R]
-        loss = _objective(
-            images, targets[target_row[rows]], lpips_targets, target_row[rows], row_noise, config
-        )
+        size = comparisons.largest(row_targets)
+        images = _render(generator, lat + w_noise, space, row_noise, size, config.preview)  # [n, 3, H, H]
+        loss, _, _ = comparisons.loss(images, row_targets, config)
+        if row_noise:
+            loss = loss + config.noise_reg_weight * noise_regularization(row_noise)
         grads = torch.autograd.grad(loss.sum(), [lat, *row_noise])
         with torch.no_grad():
             _track_best(
                 state, rows, loss.detach(), lat + w_noise, row_noise, best_latent, best_noises, config
             )
         adam.step(list(grads), rows, learning_rate(config, step))
+        with torch.no_grad():
+            generator.constrain_(latent, space)
         if noises:
             normalize_noises_(noises, rows)
         state.steps[rows] += 1
@@ -463,26 +613,6 @@ def _optimise(
             progress(step, int(state.active.sum()))
     logger.debug("projection: %d rows, steps per row %s", n_rows, state.steps.tolist())
     return best_latent, state, best_noises, target_of, start_of
-
-
-def _objective(
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    lpips_targets: LpipsDistance,
-    target_rows: torch.Tensor,
-    noises: list[torch.Tensor],
-    config: ProjectionConfig,
-) -> torch.Tensor:
-    """Per-row loss ``[n]``: lpips_weight * LPIPS + mse_weight * MSE + noise_reg_weight * noise penalty."""
-    loss = images.new_zeros(images.shape[0])
-    if config.lpips_weight:
-        small = _to_lpips_resolution(images, config.lpips_resolution)
-        loss = loss + config.lpips_weight * lpips_targets.distance(small, target_rows)
-    if config.mse_weight:
-        loss = loss + config.mse_weight * (images - targets).square().mean(dim=(1, 2, 3))
-    if noises:
-        loss = loss + config.noise_reg_weight * noise_regularization(noises)
-    return loss
 
 
 def _track_best(
@@ -513,8 +643,8 @@ def _track_best(
 
 def _finish(
     generator: Generator,
-    targets: torch.Tensor,
-    lpips_model: torch.nn.Module,
+    comparisons: Comparisons,
+    n_targets: int,
     config: ProjectionConfig,
     space: str,
     best_latent: torch.Tensor,
@@ -523,26 +653,32 @@ def _finish(
     target_of: list[int],
     start_of: list[int],
 ) -> list[ProjectionResult]:
-    """Evaluate every row's best latent once (noise-free), pick the best start per target."""
-    target_row = torch.tensor(target_of, device=targets.device)
+    """Evaluate every row's best latent once (noise-free, full resolution), pick the best start per target."""
+    chunk = max(1, 2**22 // (generator.resolution**2))  # rows rendered at once (memory of large generators)
+    images_parts, lp_parts, mse_parts, obj_parts = [], [], [], []
     with torch.no_grad():
-        images = synthesize(generator, best_latent, space, best_noises)  # [n_rows, 3, R, R]
-        small_img = _to_lpips_resolution(images, config.lpips_resolution)
-        small_tgt = _to_lpips_resolution(targets, config.lpips_resolution)[target_row]
-        lp = lpips_model(small_img, small_tgt).flatten()  # [n_rows]
-        mse = (images - targets[target_row]).square().mean(dim=(1, 2, 3))  # [n_rows]
-        objective = config.lpips_weight * lp + config.mse_weight * mse
+        for lo in range(0, best_latent.shape[0], chunk):
+            rows = list(range(lo, min(lo + chunk, best_latent.shape[0])))
+            noise = [v[lo : lo + chunk] for v in best_noises]
+            images = synthesize(generator, best_latent[lo : lo + chunk], space, noise)  # [c, 3, R, R]
+            objective, lp, mse = comparisons.loss(images, [target_of[r] for r in rows], config)
+            images_parts.append(images.cpu())
+            lp_parts.append(lp)
+            mse_parts.append(mse)
+            obj_parts.append(objective)
+    images_all, lp_all = torch.cat(images_parts), torch.cat(lp_parts)
+    mse_all, objective_all = torch.cat(mse_parts), torch.cat(obj_parts)
     results: list[ProjectionResult] = []
-    for b in range(targets.shape[0]):
+    for b in range(n_targets):
         candidates = [r for r, t in enumerate(target_of) if t == b]
-        r = min(candidates, key=lambda i: float(objective[i]))
+        r = min(candidates, key=lambda i: float(objective_all[i]))
         results.append(
             ProjectionResult(
                 latent=best_latent[r].detach().cpu(),
                 space=space,
-                reconstruction=images[r].detach().cpu(),
-                lpips=float(lp[r]),
-                mse=float(mse[r]),
+                reconstruction=images_all[r],
+                lpips=float(lp_all[r]),
+                mse=float(mse_all[r]),
                 loss_trace=state.traces[r],
                 steps=int(state.steps[r]),
                 start_index=start_of[r],

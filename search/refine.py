@@ -1,10 +1,13 @@
 """The refine tier: projection evidence for the faces of a query, merged into a search result document.
 
 ``refine_json`` finds the query's faces (MTCNN when ``SLEUTH_FACE_DETECTOR`` is set; otherwise a square image is
-taken as one face), aligns each FFHQ-style to every registered generator's resolution, projects them (warm-started
-from the stored latents of the generated-image hits of the search, when there are any) and adds the evidence as
-``faces[i]["projection"]``: a list with one entry per generator (generator, lpips, probability_generated,
-latent_matches, reconstruction / difference / target as PNG data URIs, steps, seconds).
+taken as one face), prepares each for every registered generator with the one face-preparation path
+(``projection.face_prep.prepare_face``: the generator's own framing, the face's effective size, the query's JPEG
+quality; the best face is prepared exactly as ``sleuth project`` prepares it, so one file gives one set of
+numbers), projects them (warm-started from the stored latents of the generated-image hits of the search, when
+there are any) and adds the evidence as ``faces[i]["projection"]``: a list with one entry per generator
+(generator, lpips, probability_generated, latent_matches, reconstruction / difference / target as PNG data URIs,
+steps, seconds, how the face was prepared).
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from indexer.errors import ModelUnavailableError
 from indexer.settings import Settings
 from indexer.store.db import Store
 from indexer.store.models import Latent
-from projection.evidence import PreparedFace, png_data_uri, project_faces
-from projection.registry import GeneratorInfo, list_generators
+from projection.evidence import face_template_of, project_faces
+from projection.face_prep import PreparedFace, detect_faces, prepare_face
+from projection.images import png_data_uri
+from projection.registry import GeneratorInfo, list_generators, load_generator
 
 logger = logging.getLogger(__name__)
 
-MIN_FACE_SCORE = 0.9  # the same confidence the search's face tier uses
 MAX_FACES = 8
 MAX_WARM_STARTS = 3  # stored latents of generated hits tried per face, besides the mean latent
 
@@ -59,16 +63,16 @@ def _iou(a: list[float], b: list[float]) -> float:
 def _faces_of(
     image: Image.Image, settings: Settings, base_faces: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], list[Any], str]:
-    """(face entries, landmarks per entry or None for the whole image, how they were found)."""
+    """(face entries, the detected face per entry or None for the whole image, how they were found)."""
     detector = _detector(settings)
     if detector is not None:
-        detected = [f for f in detector.detect(image) if f.score >= MIN_FACE_SCORE][:MAX_FACES]
+        detected = detect_faces(image, detector)[:MAX_FACES]
         entries: list[dict[str, Any]] = []
         for face in detected:
             box = [round(v, 1) for v in face.box]
             same = [f for f in base_faces if isinstance(f.get("box"), list) and _iou(f["box"], box) > 0.5]
             entries.append(same[0] if same else {"box": box, "score": round(float(face.score), 4)})
-        return entries, [f.landmarks for f in detected], "mtcnn-ffhq"
+        return entries, list(detected), "mtcnn"
     if image.width == image.height:
         entry = (
             base_faces[0]
@@ -79,14 +83,18 @@ def _faces_of(
     return [], [], "none"
 
 
-def _prepared(image: Image.Image, landmarks: Any, resolution: int, how: str) -> PreparedFace:
-    if landmarks is None:
-        return PreparedFace(
-            image.convert("RGB").resize((resolution, resolution), Image.Resampling.LANCZOS), how
-        )
-    from indexer.face_align import align_face
-
-    return PreparedFace(align_face(image, landmarks, size=resolution), how)
+def _prepared_for(
+    settings: Settings, store: Store, info: GeneratorInfo, decoded: DecodedImage, detected: list[Any]
+) -> list[PreparedFace]:
+    """Each detected face (None: the whole image) prepared for generator ``info`` as ``sleuth project`` does."""
+    generator, _ = load_generator(settings, info.name, device=settings.device, store=store)
+    detector = _detector(settings)
+    template = face_template_of(settings, info, generator, detector, store=store)
+    return [
+        prepare_face(decoded.image, generator.resolution, template=template, detector=detector,
+                     jpeg_quality=decoded.jpeg_quality, face=face)
+        for face in detected
+    ]  # fmt: skip
 
 
 def _warm_starts(store: Store, generator: str, space: str, base: Mapping[str, Any]) -> np.ndarray | None:
@@ -161,7 +169,7 @@ def refine_json(
         entry["projection"] = []
     try:
         for info in generators:
-            faces = [_prepared(decoded.image, lm, info.resolution, how) for lm in landmarks]
+            faces = _prepared_for(settings, store, info, decoded, landmarks)
             starts = _warm_starts(store, info.name, info.latent_space, base)
             for entry, doc in zip(entries, _project_into(settings, store, info, faces, starts), strict=True):
                 entry["projection"].append(doc)

@@ -77,6 +77,31 @@ def test_training_is_deterministic_on_the_cpu(tiny_dcgan: DCGANGenerator) -> Non
         assert ka == kb and torch.equal(va, vb)
 
 
+def test_drawn_samples_are_cached_so_training_again_does_not_draw_them(
+    tiny_dcgan: DCGANGenerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import projection.encoder as enc
+
+    calls: list[int] = []
+    real = enc.generator_samples
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(enc, "generator_samples", counting)
+    cfg = TrainingConfig(samples=300, epochs=1, batch=64, holdout=44, seed=3)
+    cache = tmp_path / "samples.safetensors"
+    a, _ = train_encoder(tiny_dcgan, "z", cfg, width=8, sample_cache=cache, cache_key="weights-1")
+    b, _ = train_encoder(tiny_dcgan, "z", cfg, width=8, sample_cache=cache, cache_key="weights-1")
+    assert len(calls) == 1 and cache.is_file()
+    assert all(
+        torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    train_encoder(tiny_dcgan, "z", cfg, width=8, sample_cache=cache, cache_key="weights-2")  # other weights
+    assert len(calls) == 2
+
+
 def test_the_encoder_start_beats_the_mean_latent_on_a_short_budget(
     tiny_dcgan: DCGANGenerator, trained: tuple, lpips_file: Path
 ) -> None:
@@ -165,10 +190,12 @@ def test_registry_records_the_encoder_clears_calibration_and_projection_starts_f
     gen = DCGANGenerator.from_preset("tiny", seed=1)
     with torch.no_grad():
         made = to_image(gen.synthesize(gen.sample_z(1, seed=77), "z")[0])
-    steps: list[tuple[int, int]] = []
+    steps: list[tuple[int, int, int]] = []
     (ev,) = project_images(settings, [made], "tiny", match_k=0, progress=lambda *s: steps.append(s))
     assert ev.start_index == 1 and ev.lpips < 0.05  # the fast setting with an encoder: its start alone
-    assert steps and steps[-1][0] == steps[-1][1] == ev.steps, "progress reaches the last step"
+    assert steps and steps[-1][1] == steps[-1][2] == ev.steps, (
+        "progress (faces done, step, steps) reaches the end"
+    )
     path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)  # changed after training
     registry._CACHE.clear()  # loaded models are kept per (file, sha256) for the life of the process
     with pytest.raises(ModelUnavailableError, match="changed after training"):

@@ -22,7 +22,9 @@ from indexer.store.db import open_store  # noqa: E402
 from projection.calibration import Calibration, calibrate_generator, perturb, roc_auc  # noqa: E402
 from projection.checkpoints import save_safetensors, sha256_file  # noqa: E402
 from projection.dcgan import DCGANGenerator  # noqa: E402
-from projection.evidence import prepare_face, project_images, to_image  # noqa: E402
+from projection.evidence import project_images  # noqa: E402
+from projection.face_prep import prepare_face  # noqa: E402
+from projection.images import to_image  # noqa: E402
 from projection.latent_match import LatentMatcher, store_latents, sync_latent_index  # noqa: E402
 from projection.registry import (  # noqa: E402
     GeneratorExistsError,
@@ -124,6 +126,30 @@ def test_calibration_maps_lpips_to_a_monotone_smoothed_probability() -> None:
     assert 0.3 < mixed.probability(0.5) < 0.7  # indistinguishable classes: about even
 
 
+def test_a_calibration_gives_no_probability_below_the_face_sizes_it_measured() -> None:
+    cal = Calibration.fit([0.01, 0.02], [0.3, 0.4], generated_sizes=[256, 512], real_sizes=[100, 300])
+    assert cal.min_size == 256  # both classes must have been seen at a size
+    assert cal.covers(200) and not cal.covers(150)  # down to 3/4 of it
+    assert Calibration.from_json(cal.to_json()).min_size == 256
+    assert Calibration.fit([0.1], [0.2]).covers(8)  # a calibration without sizes states no range
+
+
+def test_web_perturbation_rescales_recrops_and_reencodes_within_its_ranges() -> None:
+    import random
+
+    from indexer.decode import decode_image
+    from projection.calibration import WebPerturbation, web_perturbation
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    rng = random.Random(0)
+    spec = WebPerturbation(max_side=128, min_side=20)
+    decoded = [decode_image(web_perturbation(img, rng, spec)) for _ in range(40)]
+    sides = [max(d.width, d.height) for d in decoded]
+    assert min(sides) >= 20 and max(sides) <= 128 and min(sides) < 40 and max(sides) > 90
+    assert all(d.format == "JPEG" and 40 <= (d.jpeg_quality or 0) <= 95 for d in decoded)
+    assert any(abs(d.width - d.height) >= 1 for d in decoded)  # the crop jitter cuts edges unequally
+
+
 def test_perturbation_keeps_the_size_and_changes_the_pixels_a_little() -> None:
     img = to_image(torch.rand(3, 32, 32) * 2 - 1)
     out = perturb(img)
@@ -146,7 +172,8 @@ def test_calibrate_generator_stores_both_distributions_on_the_registry(
     assert (cal.n_generated, cal.n_real) == (3, 3)
     stored = get_generator(proj_settings, "tiny").calibration
     assert stored is not None and stored["n_generated"] == 3 and stored["n_real"] == 3
-    assert stored["settings"]["real_alignment"] == ["centre-crop"]
+    assert stored["settings"]["preparation"] == ["centre-crop", "whole-image"]  # no detector: by shape
+    assert stored["settings"]["perturbation"]["jpeg_quality"] == [40, 95]
     assert max(cal.generated_lpips) < min(cal.real_lpips)
 
 
@@ -186,7 +213,8 @@ def test_project_images_gives_evidence_in_input_order_with_matches_and_probabili
     foreign = Image.fromarray(np.random.default_rng(2).integers(0, 255, (30, 50, 3), dtype=np.uint8))
     evidence = project_images(proj_settings, [made, foreign], "tiny", steps=120, store=store)
     first, second = evidence
-    assert first.face["how"] == "as-is" and second.face["how"] == "centre-crop"
+    assert first.face["how"] == "whole-image" and second.face["how"] == "centre-crop"
+    assert first.face["effective_size"] == 16 and second.face["effective_size"] == 16
     assert first.lpips < 0.01 < second.lpips
     assert first.probability_generated is None and first.calibration_sizes is None
     assert first.latent_matches[0].seed == 5
@@ -209,13 +237,15 @@ def test_project_images_gives_evidence_in_input_order_with_matches_and_probabili
     store.dispose()
 
 
-def test_prepare_face_keeps_aligned_crops_and_centre_crops_others() -> None:
+def test_prepare_face_without_a_detector_takes_square_images_whole_and_centre_crops_others() -> None:
     crop = Image.new("RGB", (64, 64), (10, 20, 30))
     kept = prepare_face(crop, 64)
-    assert kept.how == "as-is" and kept.image.tobytes() == crop.tobytes()
+    assert kept.how == "whole-image" and kept.image.tobytes() == crop.tobytes() and kept.size() == 64
     wide = Image.new("RGB", (120, 60), (200, 0, 0))
     face = prepare_face(wide, 64)
-    assert face.how == "centre-crop" and face.image.size == (64, 64)
+    assert face.how == "centre-crop" and face.image.size == (64, 64) and face.size() == 60
+    small = prepare_face(Image.new("RGB", (20, 20)), 64)  # effective size: the query's own pixels
+    assert small.image.size == (64, 64) and small.size() == 20 and small.comparison_image().size == (20, 20)
 
 
 # --- the refine tier -----------------------------------------------------------------------------------------

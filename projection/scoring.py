@@ -1,0 +1,55 @@
+"""The evidence comparison: a reconstruction against the query at the query's own effective resolution.
+
+Faces circulate downscaled, upscaled and re-encoded. Comparing a sharp reconstruction with an enlarged, blurred,
+blocky query would call every shared generated face real. So the reconstruction is degraded the way the query was
+made: reduced (area average) to the face's effective size, re-encoded as a JPEG at the query's estimated quality
+when the query was a JPEG; both are then compared at that size, at most the LPIPS resolution, over the pixels the
+query has (``PreparedFace.mask``). The projector's loss uses the same sizes and masks without the re-encoding
+(it is not differentiable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from projection.face_prep import PreparedFace
+from projection.images import jpeg_round_trip, mask_tensor, to_image, to_tensor
+from projection.projector import CompareTarget, Comparisons, ProjectionConfig, resize_to
+
+
+def compare_target(face: PreparedFace) -> CompareTarget:
+    """What reconstructions of ``face`` are compared with: its effective-size image and mask."""
+    image = to_tensor([face.comparison_image()])[0]  # [3, s, s]
+    return CompareTarget(image, None if face.mask is None else mask_tensor(face.mask))
+
+
+def degrade_like_query(reconstruction: torch.Tensor, face: PreparedFace) -> torch.Tensor:
+    """``[3, R, R]`` -> ``[3, s, s]``: reduced to the face's effective size, re-encoded at its JPEG quality."""
+    small = resize_to(reconstruction[None].float(), face.size())[0]
+    if face.jpeg_quality is None:
+        return small
+    return to_tensor([jpeg_round_trip(to_image(small), face.jpeg_quality)])[0]
+
+
+def evidence_scores(
+    lpips_model: torch.nn.Module,
+    reconstructions: Sequence[torch.Tensor],
+    faces: Sequence[PreparedFace],
+    *,
+    lpips_resolution: int = 256,
+) -> list[tuple[float, float]]:
+    """``(LPIPS, MSE)`` of each reconstruction ``[3, R, R]`` against its face, the evidence comparison above."""
+    if not faces:
+        return []
+    config = ProjectionConfig(lpips_resolution=lpips_resolution, lpips_weight=1.0, mse_weight=1.0)
+    device = next(lpips_model.parameters()).device
+    comparisons = Comparisons(lpips_model, [compare_target(f) for f in faces], config, device)
+    out: list[tuple[float, float]] = []
+    with torch.no_grad():
+        for i, (rec, face) in enumerate(zip(reconstructions, faces, strict=True)):
+            degraded = degrade_like_query(rec.cpu(), face)[None].to(device)  # [1, 3, s, s]
+            _, lp, mse = comparisons.loss(degraded, [i], config)
+            out.append((float(lp[0]), float(mse[0])))
+    return out
