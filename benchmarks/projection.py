@@ -202,7 +202,7 @@ def auc_of(generated: Sequence[float], real: Sequence[float]) -> float | None:
 def face_doc(e: Evidence) -> dict[str, Any]:
     return {"lpips": round(e.lpips, 5), "objective_lpips": round(e.objective_lpips, 5), "steps": e.steps,
             "how": e.face.get("how"), "effective_size": e.face.get("effective_size"),
-            "jpeg_quality": e.face.get("jpeg_quality"), "masked": e.face.get("masked_fraction"),
+            "jpeg_quality": e.face.get("jpeg_quality"), "padded": e.face.get("padded_fraction"),
             "p": e.probability_generated, "start": e.start_index}  # fmt: skip
 
 

@@ -103,7 +103,7 @@ def align_face(image: Image.Image, landmarks: Landmarks, *, size: int) -> Image.
     # The crop was clamped to the image; whatever was clamped away is padding (all four are >= 0).
     pad = (int(crop[0] - left), int(crop[1] - top), int(right - crop[2]), int(bottom - crop[3]))
     if any(p > 0 for p in pad):
-        img = _reflect_pad(img, pad, blur=max(side * 0.02, 1.0))
+        img = reflect_pad(img, pad, blur=max(side * 0.02, 1.0))
         corners = corners + np.array(pad[:2])
 
     # 4. Map the quad onto the output square; supersample then downscale with an antialiasing filter.
@@ -117,7 +117,7 @@ def align_face(image: Image.Image, landmarks: Landmarks, *, size: int) -> Image.
     return out
 
 
-def _reflect_pad(img: Image.Image, pad: tuple[int, int, int, int], *, blur: float) -> Image.Image:
+def reflect_pad(img: Image.Image, pad: tuple[int, int, int, int], *, blur: float) -> Image.Image:
     """Mirror the image outwards by ``pad`` = (left, top, right, bottom) pixels, then hide the mirror copy:
     the padded band is blurred (fading in over the outer third of the original next to a padded side) and
     blended towards the image's median colour the further it lies from the original."""

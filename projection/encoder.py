@@ -25,7 +25,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from projection.generator_base import Generator
 logger = logging.getLogger(__name__)
 
 FORMAT = "sleuth-latent-encoder-v1"
+ENCODER_KINDS = ("cnn", "features")
 MAX_INPUT = 128  # larger generators' images are area-downsampled to this for the encoder (memory, speed)
 
 
@@ -54,12 +55,15 @@ class EncoderConfig:
     latent_dim: int
     width: int = 32
     max_width: int = 256
+    kind: str = "cnn"  # "cnn" (trained from scratch) or "features" (frozen VGG16 + ridge, feature_encoder.py)
 
     def __post_init__(self) -> None:
         if self.resolution < 8 or self.resolution & (self.resolution - 1):
             raise ValueError(f"resolution must be a power of two >= 8, got {self.resolution}")
         if self.space not in ("z", "w"):
             raise ValueError(f"an encoder predicts z or w, not {self.space!r}")
+        if self.kind not in ENCODER_KINDS:
+            raise ValueError(f"encoder kind must be one of {ENCODER_KINDS}, got {self.kind!r}")
         if self.latent_dim < 1 or self.width < 1 or self.max_width < self.width:
             raise ValueError(f"invalid encoder config {self}")
 
@@ -82,6 +86,8 @@ class TrainingConfig:
     perturb_fraction: float = 0.8  # share of samples sent through a JPEG + resize round trip
     jpeg_quality: tuple[int, int] = (60, 95)
     scale: tuple[float, float] = (0.5, 1.0)
+    kind: str = "cnn"  # see EncoderConfig.kind; "features" needs ``backbone``
+    backbone: str | None = None  # the VGG16 LPIPS weights file the features encoder is built on
 
     def __post_init__(self) -> None:
         if self.samples < 2 * self.batch or self.holdout < 1 or self.holdout >= self.samples:
@@ -254,14 +260,19 @@ def _train(
     samples: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[LatentEncoder, EncoderReport]:
     pixels, latents = samples
-    config = EncoderConfig(min(generator.resolution, MAX_INPUT), space, latents.shape[1], width=width)
-    encoder = LatentEncoder(config).to(device)
+    kind = training.kind
+    config = EncoderConfig(
+        min(generator.resolution, MAX_INPUT), space, latents.shape[1], width=width, kind=kind
+    )
     train_latents = latents[training.holdout :]
     mean = train_latents.mean(dim=0)
     scale = (train_latents - mean).square().mean().sqrt().clamp_min(1e-8)
+    targets = ((latents - mean) / scale).to(device)
+    if kind == "features":
+        return _fit_features(config, training, pixels, latents, targets, mean, scale, started, progress)
+    encoder = LatentEncoder(config).to(device)
     encoder.latent_mean.copy_(mean)
     encoder.latent_scale.copy_(scale)
-    targets = ((latents - mean) / scale).to(device)
     n_train = training.samples - training.holdout
     steps_per_epoch = n_train // training.batch
     opt = torch.optim.Adam(encoder.parameters(), lr=training.lr / 2, betas=(0.9, 0.99))
@@ -297,9 +308,44 @@ def _train(
     return encoder.requires_grad_(False), report
 
 
-def evaluate_encoder(
-    encoder: LatentEncoder, pixels: torch.Tensor, latents: torch.Tensor
-) -> tuple[float, float]:
+def _fit_features(
+    config: EncoderConfig,
+    training: TrainingConfig,
+    pixels: torch.Tensor,
+    latents: torch.Tensor,
+    targets: torch.Tensor,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    started: float,
+    progress: Callable[[str, int, int], None] | None,
+) -> tuple[Any, EncoderReport]:
+    """The features encoder (``projection.feature_encoder``): frozen VGG16 + a ridge fit on the training samples."""
+    from projection.feature_encoder import FeatureEncoder, fit_ridge_, load_backbone_
+
+    if not training.backbone:
+        raise ModelUnavailableError(
+            "the features encoder needs the VGG16 LPIPS backbone file (lpips-vgg16.safetensors): "
+            "set SLEUTH_LPIPS_WEIGHTS to it or pass --backbone"
+        )
+    encoder = FeatureEncoder(config)
+    load_backbone_(encoder, Path(training.backbone))
+    encoder.latent_mean.copy_(mean)
+    encoder.latent_scale.copy_(scale)
+    if progress:
+        progress("epoch", 0, 1)
+    fit_ridge_(encoder, pixels[training.holdout :], targets[training.holdout :].cpu())
+    if progress:
+        progress("epoch", 1, 1)
+    encoder.eval()
+    cosine, rel_mse = evaluate_encoder(encoder, pixels[: training.holdout], latents[: training.holdout])
+    report = EncoderReport(
+        samples=training.samples, epochs=1, holdout=training.holdout, holdout_cosine=cosine,
+        holdout_relative_mse=rel_mse, seconds=time.perf_counter() - started,
+    )  # fmt: skip
+    return encoder.requires_grad_(False), report
+
+
+def evaluate_encoder(encoder: Any, pixels: torch.Tensor, latents: torch.Tensor) -> tuple[float, float]:
     """Mean cosine and MSE relative to the latents' variance of the predictions for ``pixels`` (uint8)."""
     device = encoder.latent_mean.device
     with torch.no_grad():
@@ -311,9 +357,7 @@ def evaluate_encoder(
     return cosine, float((pred - latents).square().mean()) / max(variance, 1e-12)
 
 
-def predict_starts(
-    encoder: LatentEncoder, targets: torch.Tensor, latent_shape: tuple[int, ...]
-) -> torch.Tensor:
+def predict_starts(encoder: Any, targets: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
     """Start latents ``[B, *latent_shape]`` for targets ``[B, 3, R, R]`` in [-1, 1] (a ``w`` prediction is
     repeated over the layers when the projection space is ``w+``)."""
     device = encoder.latent_mean.device
@@ -325,7 +369,7 @@ def predict_starts(
 
 
 # --- files ---------------------------------------------------------------------------------------------------
-def save_encoder(encoder: LatentEncoder, path: Path, report: EncoderReport | None = None) -> None:
+def save_encoder(encoder: Any, path: Path, report: EncoderReport | None = None) -> None:
     """safetensors with the config (and training report) as JSON metadata."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "config": json.dumps(asdict(encoder.config))}
@@ -337,7 +381,7 @@ def save_encoder(encoder: LatentEncoder, path: Path, report: EncoderReport | Non
     tmp.replace(path)
 
 
-def load_encoder(path: Path, *, device: str | torch.device = "cpu") -> LatentEncoder:
+def load_encoder(path: Path, *, device: str | torch.device = "cpu") -> Any:
     """An encoder written by ``save_encoder`` (tensors and JSON only: nothing in the file is executed)."""
     from safetensors import SafetensorError, safe_open
 
@@ -354,7 +398,12 @@ def load_encoder(path: Path, *, device: str | torch.device = "cpu") -> LatentEnc
         if isinstance(exc, ModelUnavailableError):
             raise
         raise ModelUnavailableError(f"cannot read latent encoder {path}: {exc}") from exc
-    encoder = LatentEncoder(config)
+    if config.kind == "features":
+        from projection.feature_encoder import FeatureEncoder
+
+        encoder: nn.Module = FeatureEncoder(config)
+    else:
+        encoder = LatentEncoder(config)
     try:
         encoder.load_state_dict(tensors)
     except RuntimeError as exc:
@@ -379,6 +428,8 @@ def train_generator_encoder(
     from projection.registry import encoder_path, load_generator, set_encoder
 
     training = training or TrainingConfig()
+    if training.kind == "features" and not training.backbone and settings.lpips_weights:
+        training = replace(training, backbone=str(settings.lpips_weights))  # the configured LPIPS file
     device = device or settings.device
     generator, info = load_generator(settings, name, device=device, store=store)
     space = "w" if info.latent_space in ("w", "w+") else "z"

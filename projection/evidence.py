@@ -338,7 +338,7 @@ def rerank_by_image(
     generator: Any, space: str, face: PreparedFace, found: list[LatentMatch], matcher: LatentMatcher
 ) -> list[LatentMatch]:
     """``found`` ordered by the pixel MSE between each stored latent's image and the face (both at most
-    ``RERANK_SIZE`` px, over the pixels the query has).
+    ``RERANK_SIZE`` px).
 
     The projected latent of a perturbed generated face points roughly towards its true latent (cosine ~0.5 for
     DCGAN z); rendering the nearest candidates and comparing images separates the true one from look-alikes.
@@ -351,11 +351,6 @@ def rerank_by_image(
     target = compare_target(face)
     size = min(RERANK_SIZE, target.size)
     want = resize_to(target.image[None], size)  # [1, 3, s, s]
-    weight = (
-        torch.ones(1, 1, size, size)
-        if target.mask is None
-        else (resize_to(target.mask[None], size) > 0.5).float()
-    )
     chunk = max(1, 2**22 // generator.resolution**2)
     errors: list[float] = []
     with torch.no_grad():
@@ -364,8 +359,7 @@ def rerank_by_image(
             images = generator.synthesize_preview(
                 latents[lo : lo + chunk].to(device), space
             ).cpu()  # [c, 3, P, P]
-            diff = (resize_to(images, size) - want).square() * weight
-            errors += (diff.sum(dim=(1, 2, 3)) / (3 * weight.sum()).clamp_min(1)).tolist()
+            errors += (resize_to(images, size) - want).square().mean(dim=(1, 2, 3)).tolist()
     for m, e in zip(found, errors, strict=True):
         m.image_mse = float(e)
     return sorted(found, key=lambda m: m.image_mse if m.image_mse is not None else float("inf"))

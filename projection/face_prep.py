@@ -20,7 +20,7 @@ The face's **effective size** is its side in the query's own pixels, at most the
 DCGAN face saved at 256 px has effective size 64, the same face saved at 32 px has 32. The reconstruction is
 compared with the query at that size (``projection.scoring``), never with an enlarged copy of the query. Where the
 generator's framing reaches beyond the query (a tight crop into a generator that shows hair and background), the
-missing part is marked in ``mask`` and left out of every comparison: only what the query shows is scored.
+query is reflect-padded there (``_padded_for``) and the padded share is recorded.
 """
 
 from __future__ import annotations
@@ -93,9 +93,7 @@ class PreparedFace:
     target: Image.Image | None = None  # the face at effective_size (None: ``image``)
     jpeg_quality: int | None = None  # the query's JPEG quality, when it was a JPEG
     transform: dict[str, float] = field(default_factory=dict)  # FRAMING_KEYS of the alignment, source side
-    mask: Image.Image | None = (
-        None  # "L" at effective_size: 255 where the query has pixels (None: everywhere)
-    )
+    padded_fraction: float = 0.0  # share of the aligned square outside the query (reflect-padded)
 
     def comparison_image(self) -> Image.Image:
         return self.target if self.target is not None else self.image
@@ -106,13 +104,7 @@ class PreparedFace:
     def to_json(self) -> dict[str, Any]:
         return {"how": self.how, "box": self.box, "score": self.score, "effective_size": self.size(),
                 "jpeg_quality": self.jpeg_quality, "transform": self.transform,
-                "masked_fraction": self.masked_fraction()}  # fmt: skip
-
-    def masked_fraction(self) -> float:
-        """Share of the compared square the query has no pixels for (left out of the comparison)."""
-        if self.mask is None:
-            return 0.0
-        return round(1.0 - float(np.asarray(self.mask, dtype=np.float64).mean()) / 255.0, 4)
+                "padded_fraction": self.padded_fraction}  # fmt: skip
 
 
 # --- geometry ------------------------------------------------------------------------------------------------
@@ -236,11 +228,41 @@ def prepare_face(
     size = max(1, min(resolution, round(transform["source_side"])))
     at_size = forward * (size / resolution)
     valid = _warp(Image.new("L", image.size, 255), at_size, size)
-    mask = valid.point(lambda v: 255 if v >= 250 else 0)
+    outside = 1.0 - float(np.asarray(valid, dtype=np.float64).mean()) / 255.0
+    padded, forward_padded = _padded_for(image, forward, resolution)
+    at_size_padded = forward_padded * (size / resolution)
     return PreparedFace(
-        image=_warp(image, forward, resolution), how="template-aligned", effective_size=size,
-        target=_warp(image, at_size, size), mask=None if mask.getextrema()[0] == 255 else mask, **info,
+        image=_warp(padded, forward_padded, resolution), how="template-aligned", effective_size=size,
+        target=_warp(padded, at_size_padded, size), padded_fraction=round(max(0.0, outside), 4), **info,
     )  # fmt: skip
+
+
+def _padded_for(image: Image.Image, forward: np.ndarray, resolution: int) -> tuple[Image.Image, np.ndarray]:
+    """``image`` reflect-padded (and the padding blurred, as FFHQ alignment does) where the aligned square reaches
+    beyond it, and the transform from the padded image. A real photo cropped tighter than the generator frames
+    its faces then shows a blurred mirror where the generator would show hair and background: what the query
+    does not have is not made up, and it is not left out of the comparison either (leaving it out made tight
+    crops of real faces easier to reproduce than the generator's own faces)."""
+    from indexer.face_align import reflect_pad
+
+    inverse = np.linalg.inv(np.vstack([forward, [0.0, 0.0, 1.0]]))[:2]
+    r = float(resolution)
+    corners = (
+        np.array([[0.0, 0.0, 1.0], [r, 0.0, 1.0], [0.0, r, 1.0], [r, r, 1.0]]) @ inverse.T
+    )  # [4, 2] source
+    scale = math.hypot(forward[0, 0], forward[1, 0])
+    border = 3.0 / scale  # a few output pixels more for the interpolation kernel
+    left = max(0, math.ceil(border - corners[:, 0].min()))
+    top = max(0, math.ceil(border - corners[:, 1].min()))
+    right = max(0, math.ceil(corners[:, 0].max() + border - image.width))
+    bottom = max(0, math.ceil(corners[:, 1].max() + border - image.height))
+    if not (left or top or right or bottom):
+        return image, forward
+    side = resolution / scale
+    padded = reflect_pad(image, (left, top, right, bottom), blur=max(side * 0.02, 1.0))
+    shifted = forward.copy()
+    shifted[:, 2] = forward[:, 2] - forward[:, :2] @ np.array([left, top], dtype=np.float64)
+    return padded, shifted
 
 
 def whole_image_framing(forward: np.ndarray, image: Image.Image, resolution: int) -> list[float]:

@@ -23,11 +23,6 @@ def to_image(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr.permute(1, 2, 0).numpy(), mode="RGB")
 
 
-def mask_tensor(mask: Image.Image) -> torch.Tensor:
-    """An "L" mask (255 = keep) -> ``[1, H, W]`` float32 in {0, 1}."""
-    return torch.from_numpy((np.asarray(mask.convert("L")) >= 128).astype(np.float32))[None]
-
-
 def jpeg_round_trip(image: Image.Image, quality: int) -> Image.Image:
     """``image`` encoded as a JPEG at ``quality`` (Pillow's encoder, its default 4:2:0 subsampling) and decoded."""
     buf = io.BytesIO()

@@ -244,7 +244,6 @@ class CompareTarget:
     """What a reconstruction is compared with: the face at its effective size in the query's own pixels."""
 
     image: torch.Tensor  # [3, s, s] in [-1, 1]
-    mask: torch.Tensor | None = None  # [1, s, s] in {0, 1}: 1 where the query has pixels (None: everywhere)
 
     @property
     def size(self) -> int:
@@ -273,20 +272,13 @@ class LpipsDistance:
     """VGG/AlexNet LPIPS of candidate images against fixed targets, the targets' features computed once.
 
     Uses the ``lpips.LPIPS`` module's own pieces (scaling layer, backbone slices, unit-normalisation, linear
-    layers), so ``distance`` equals ``lpips_model(candidates, targets)`` where no mask is given. Targets may have
-    different sizes; with a mask, each layer's spatial map is averaged over the pixels the query has.
+    layers), so ``distance`` equals ``lpips_model(candidates, targets)``. Targets may have different sizes; each
+    call compares candidates of one size with targets of that size.
     """
 
-    def __init__(
-        self,
-        lpips_model: torch.nn.Module,
-        targets: list[torch.Tensor],
-        masks: list[torch.Tensor | None] | None = None,
-    ) -> None:
-        """targets: ``[3, c, c]`` each, in [-1, 1], at their comparison size; masks: ``[1, c, c]`` or None."""
+    def __init__(self, lpips_model: torch.nn.Module, targets: list[torch.Tensor]) -> None:
+        """targets: ``[3, c, c]`` each, in [-1, 1], at their comparison size."""
         self.model: Any = lpips_model  # an lpips.LPIPS (untyped package)
-        self.sizes = [int(t.shape[-1]) for t in targets]
-        self.masks = list(masks) if masks is not None else [None] * len(targets)
         self.target_feats: list[list[torch.Tensor]] = []  # per target: [C_k, h_k, w_k] per layer
         with torch.no_grad():
             for t in targets:
@@ -304,38 +296,14 @@ class LpipsDistance:
         """LPIPS ``[n]`` of candidates ``[n, 3, c, c]`` against targets ``rows`` (indices ``[n]``, one size c)."""
         idx = rows.tolist()
         total = candidates.new_zeros(candidates.shape[0])
-        masks = [self.masks[i] for i in idx]
         for k, feat in enumerate(self._features(_lpips_input(candidates))):
             target = torch.stack([self.target_feats[i][k] for i in idx])  # [n, C_k, h, w]
-            spatial = self.model.lins[k]((self._normalized(feat) - target) ** 2)  # [n, 1, h, w]
-            if all(m is None for m in masks):
-                total = total + spatial.mean(dim=(1, 2, 3))
-                continue
-            weight = torch.stack(
-                [
-                    torch.ones_like(spatial[0]) if m is None else resize_to(m[None], spatial.shape[-1])[0]
-                    for m in masks
-                ]
-            )  # [n, 1, h, w]
-            total = total + (spatial * weight).sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3)).clamp_min(1e-6)
+            total = total + self.model.lins[k]((self._normalized(feat) - target) ** 2).mean(dim=(1, 2, 3))
         return total
 
 
-def masked_mse(images: torch.Tensor, targets: torch.Tensor, masks: list[torch.Tensor | None]) -> torch.Tensor:
-    """Per-row pixel MSE ``[n]`` of ``images`` and ``targets`` ``[n, 3, c, c]`` over the pixels each mask keeps."""
-    if all(m is None for m in masks):
-        return (images - targets).square().mean(dim=(1, 2, 3))
-    c = images.shape[-1]
-    weight = torch.stack(
-        [torch.ones(1, c, c, device=images.device) if m is None else resize_to(m[None], c)[0] for m in masks]
-    )  # [n, 1, c, c]
-    return ((images - targets).square() * weight).sum(dim=(1, 2, 3)) / (
-        3 * weight.sum(dim=(1, 2, 3))
-    ).clamp_min(1e-6)
-
-
 class Comparisons:
-    """Each target at its comparison size (and mask), grouped so that rows of one size are compared together."""
+    """Each target at its comparison size, grouped so that rows of one size are compared together."""
 
     def __init__(
         self,
@@ -349,13 +317,7 @@ class Comparisons:
             resize_to(c.image[None].to(device, torch.float32), s)[0]
             for c, s in zip(compare, self.sizes, strict=True)
         ]
-        self.masks: list[torch.Tensor | None] = [
-            None
-            if c.mask is None
-            else (resize_to(c.mask[None].to(device, torch.float32), s)[0] > 0.5).float()
-            for c, s in zip(compare, self.sizes, strict=True)
-        ]
-        self.lpips = LpipsDistance(lpips_model, self.images, self.masks)
+        self.lpips = LpipsDistance(lpips_model, self.images)
 
     def largest(self, targets: list[int]) -> int:
         return max(self.sizes[t] for t in targets)
@@ -374,7 +336,7 @@ class Comparisons:
             if config.lpips_weight:
                 lp = lp.index_put((idx,), self.lpips.distance(small, torch.tensor(tg)))
             tgt = torch.stack([self.images[t] for t in tg])  # MSE is cheap: always reported
-            mse = mse.index_put((idx,), masked_mse(small, tgt, [self.masks[t] for t in tg]))
+            mse = mse.index_put((idx,), (small - tgt).square().mean(dim=(1, 2, 3)))
         return config.lpips_weight * lp + config.mse_weight * mse, lp, mse
 
 
@@ -466,7 +428,7 @@ def project(
     """Project each of ``targets`` ``[B, 3, R, R]`` (in [-1, 1]) into ``generator``; one result per target.
 
     ``compare[b]``: what target ``b``'s reconstructions are scored against (the face at its effective size, with
-    a mask; default: the target itself); the loss and the result's LPIPS compare at ``comparison_size``.
+    default: the target itself); the loss and the result's LPIPS compare at ``comparison_size``.
     ``starts[b]``: optional extra start latents ``[S_b, *latent_shape]`` for target ``b`` (the mean latent is
     always start 0). Every (target, start) pair is one row of one batched optimisation; per target the row with
     the lowest final objective wins. ``progress(step, active_rows)`` is called after each step.

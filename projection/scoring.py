@@ -3,9 +3,8 @@
 Faces circulate downscaled, upscaled and re-encoded. Comparing a sharp reconstruction with an enlarged, blurred,
 blocky query would call every shared generated face real. So the reconstruction is degraded the way the query was
 made: reduced (area average) to the face's effective size, re-encoded as a JPEG at the query's estimated quality
-when the query was a JPEG; both are then compared at that size, at most the LPIPS resolution, over the pixels the
-query has (``PreparedFace.mask``). The projector's loss uses the same sizes and masks without the re-encoding
-(it is not differentiable).
+when the query was a JPEG; both are then compared at that size, at most the LPIPS resolution. The projector's loss
+uses the same sizes without the re-encoding (it is not differentiable).
 """
 
 from __future__ import annotations
@@ -15,14 +14,13 @@ from collections.abc import Sequence
 import torch
 
 from projection.face_prep import PreparedFace
-from projection.images import jpeg_round_trip, mask_tensor, to_image, to_tensor
+from projection.images import jpeg_round_trip, to_image, to_tensor
 from projection.projector import CompareTarget, Comparisons, ProjectionConfig, resize_to
 
 
 def compare_target(face: PreparedFace) -> CompareTarget:
-    """What reconstructions of ``face`` are compared with: its effective-size image and mask."""
-    image = to_tensor([face.comparison_image()])[0]  # [3, s, s]
-    return CompareTarget(image, None if face.mask is None else mask_tensor(face.mask))
+    """What reconstructions of ``face`` are compared with: its effective-size image."""
+    return CompareTarget(to_tensor([face.comparison_image()])[0])  # [3, s, s]
 
 
 def degrade_like_query(reconstruction: torch.Tensor, face: PreparedFace) -> torch.Tensor:

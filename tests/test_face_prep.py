@@ -79,12 +79,12 @@ def test_a_face_in_the_generators_framing_is_taken_as_an_aligned_crop_at_any_siz
         image = _picture(side)
         face = prepare_face(image, 64, template=TEMPLATE, detector=StandInDetector(side), jpeg_quality=70)
         assert face.how == "aligned-crop" and face.image.size == (64, 64)
-        assert face.size() == min(side, 64) and face.jpeg_quality == 70 and face.mask is None
+        assert face.size() == min(side, 64) and face.jpeg_quality == 70 and face.padded_fraction == 0.0
         if side <= 64:  # not resampled twice: the comparison image is the query's own pixels
             assert face.comparison_image().tobytes() == image.tobytes()
 
 
-def test_a_face_in_another_framing_is_warped_onto_the_template_and_its_missing_border_masked() -> None:
+def test_a_face_in_another_framing_is_warped_onto_the_template_and_its_missing_border_padded() -> None:
     side = 200
     angle = math.radians(15.0)
     # the face is drawn rotated, at 1.5x the template's size, off-centre: a photo, not the generator's framing
@@ -97,7 +97,9 @@ def test_a_face_in_another_framing_is_warped_onto_the_template_and_its_missing_b
     assert face.transform["rotation"] == pytest.approx(-15.0, abs=1e-6)
     assert face.transform["source_side"] == pytest.approx(300.0, abs=0.2)  # 1.5 x 200 source pixels per side
     assert face.size() == 64  # at most the generator's resolution
-    assert face.mask is not None and 0.05 < face.masked_fraction() < 0.9  # the face square leaves the image
+    assert 0.05 < face.padded_fraction < 0.9  # the face square leaves the image: reflect-padded, not black
+    corner = np.asarray(face.image, dtype=np.float64)[:4, :4].mean()
+    assert corner > 5.0  # the padding holds (blurred) image content
     # the warp puts the face's landmarks on the template: re-detecting on the aligned face finds the template
     landmarks = np.asarray(detector.detect(image)[0].landmarks)
     again = similarity_transform(landmarks, TEMPLATE.points(64))
