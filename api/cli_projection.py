@@ -138,12 +138,27 @@ def generators_train_encoder(
     ] = 20_000,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="passes over the samples")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="seed of the samples and the training")] = 0,
+    kind: Annotated[
+        str,
+        typer.Option(
+            "--kind",
+            help="cnn: a small network trained from scratch (needs ~20000 samples); features: frozen VGG16 "
+            "features + ridge regression (a few thousand samples: for large generators)",
+        ),
+    ] = "cnn",
+    backbone: Annotated[
+        Path | None,
+        typer.Option(
+            "--backbone", help="--kind features: the VGG16 LPIPS weights (default SLEUTH_LPIPS_WEIGHTS)"
+        ),
+    ] = None,
     device: DeviceOpt = None,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the latent encoder whose prediction starts every projection (fewer steps, right basin); clears the
-    calibration, which must then be made again with `calibrate`."""
+    calibration, which must then be made again with `calibrate`. Drawn samples are kept: training again with
+    other epochs or another kind does not draw them again."""
     from projection.encoder import TrainingConfig, train_generator_encoder
 
     shown: dict[str, int] = {}
@@ -157,7 +172,12 @@ def generators_train_encoder(
             )
 
     settings = _with_device(data_dir, device)
-    training = TrainingConfig(samples=samples, epochs=epochs, seed=seed, holdout=min(500, samples // 10))
+    if kind not in ("cnn", "features"):
+        raise SourceError(f"--kind must be cnn or features, got {kind!r}")
+    training = TrainingConfig(
+        samples=samples, epochs=epochs, seed=seed, holdout=min(500, samples // 10), kind=kind,
+        backbone=str(backbone) if backbone else None,
+    )  # fmt: skip
     info, report = train_generator_encoder(settings, name, training, progress=progress)
     if as_json:
         print_json({"generator": name, "encoder": info.encoder})

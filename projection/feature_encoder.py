@@ -76,7 +76,7 @@ class FeatureEncoder(nn.Module):
         for i, layer in enumerate(self.backbone):
             x = layer(x)
             if i in TAPS:  # [N, C, h, w]
-                pooled += [x.mean(dim=(2, 3)), x.std(dim=(2, 3))]
+                pooled += [x.mean(dim=(2, 3)), x.std(dim=(2, 3), correction=0)]
         pooled.append(F.adaptive_avg_pool2d(x, 2).flatten(1))  # relu5_3 on a 2x2 grid
         return torch.cat(pooled, dim=1)
 

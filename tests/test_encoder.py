@@ -102,6 +102,30 @@ def test_drawn_samples_are_cached_so_training_again_does_not_draw_them(
     assert len(calls) == 2
 
 
+def test_the_features_encoder_learns_from_few_samples_and_round_trips(
+    tiny_dcgan: DCGANGenerator, tmp_path: Path
+) -> None:
+    from indexer.errors import ModelUnavailableError
+    from tests.tiny_generators import tiny_lpips_file
+
+    backbone = tiny_lpips_file(tmp_path / "vgg.safetensors", net="vgg")  # random VGG16 weights, real layout
+    cfg = TrainingConfig(samples=600, epochs=1, holdout=100, seed=2, kind="features", backbone=str(backbone))
+    encoder, report = train_encoder(tiny_dcgan, "z", cfg)
+    assert report.holdout_relative_mse < 0.95  # better than the mean latent (1.0) on unseen samples
+    path = tmp_path / "enc.safetensors"
+    save_encoder(encoder, path, report)
+    again = load_encoder(path)
+    images = _made(tiny_dcgan, [1, 2, 3])
+    shape = tiny_dcgan.latent_shape("z")
+    torch.testing.assert_close(predict_starts(again, images, shape), predict_starts(encoder, images, shape))
+    alex = tiny_lpips_file(tmp_path / "alex.safetensors", net="alex")
+    with pytest.raises(ModelUnavailableError, match="not a VGG16 backbone"):
+        train_encoder(tiny_dcgan, "z", TrainingConfig(samples=300, epochs=1, holdout=50, kind="features",
+                                                      backbone=str(alex)))  # fmt: skip
+    with pytest.raises(ModelUnavailableError, match="needs the VGG16 LPIPS backbone"):
+        train_encoder(tiny_dcgan, "z", TrainingConfig(samples=300, epochs=1, holdout=50, kind="features"))
+
+
 def test_the_encoder_start_beats_the_mean_latent_on_a_short_budget(
     tiny_dcgan: DCGANGenerator, trained: tuple, lpips_file: Path
 ) -> None:
