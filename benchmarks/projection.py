@@ -112,6 +112,13 @@ def ensure_generator(settings: Settings, store: Store, name: str, *, encoder: bo
     return info
 
 
+def fast_config(args: argparse.Namespace, info: Any, steps: int | None = None) -> ProjectionConfig:
+    """The registered generator's fast setting; ``steps``, else ``--msg-steps`` for MobileStyleGAN, override."""
+    if steps is None and info.name == MSG:
+        steps = args.msg_steps
+    return projection_config(info, steps=steps)
+
+
 def open_generator(args: argparse.Namespace, name: str) -> tuple[Settings, Store, Any, Any]:
     """Settings of the work dir, its store, and generator ``name`` (registered and with its encoder if needed)."""
     settings = bench_settings(args.work)
@@ -246,7 +253,7 @@ def cmd_stylegan(args: argparse.Namespace) -> None:
     # one interleaved list (own, real, tpdne, ...) so that a partial run still compares all three
     order = [(kind, i) for i in range(args.n) for kind in ("own", "real", "tpdne")]
     queries = [{"own": own, "real": real, "tpdne": tpdne}[k][i] for k, i in order]
-    config = projection_config(info, steps=args.steps)
+    config = fast_config(args, info, args.steps)
 
     def summary(done: list[Evidence]) -> dict[str, Any]:
         by: dict[str, list[Evidence]] = {"own": [], "real": [], "tpdne": []}
@@ -299,7 +306,7 @@ def cmd_timing(args: argparse.Namespace) -> None:
     real = from_files([sorted(real_split()[0])[0]])
     queries = own + real
     t0 = time.perf_counter()
-    fast = project_queries(settings, store, MSG, queries, config=projection_config(info), batch=2)
+    fast = project_queries(settings, store, MSG, queries, config=fast_config(args, info), batch=1)
     fast_s = (time.perf_counter() - t0) / len(queries)
     faces = prepare_faces(settings, [q.image for q in queries], MSG, jpeg_qualities=[q.jpeg_quality for q in queries],
                           store=store)  # fmt: skip
@@ -320,7 +327,7 @@ def cmd_timing(args: argparse.Namespace) -> None:
     per_step = base_s / len(faces) / args.baseline_steps
     recipe_per_face = per_step * 1000
     doc = {
-        "fast_seconds_per_face": fast_s, "fast_config": projection_config(info).to_dict(),
+        "fast_seconds_per_face": fast_s, "fast_config": fast_config(args, info).to_dict(),
         "fast_steps": [e.steps for e in fast], "recipe_steps_timed": args.baseline_steps,
         "recipe_seconds_per_step": per_step, "recipe_seconds_per_face_1000_steps": recipe_per_face,
         "speedup": recipe_per_face / fast_s, "threads": torch.get_num_threads(),
@@ -403,7 +410,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     ensure_generator(settings, store, args.generator)
     t0 = time.perf_counter()
     cal = calibrate_generator(settings, args.generator, calibration_folder(args.work), k=args.k, seed=args.seed,
-                              steps=args.steps, store=store)  # fmt: skip
+                              steps=args.steps or (args.msg_steps if args.generator == MSG else None),
+                              store=store)  # fmt: skip
     doc = {"generator": args.generator, "seconds": time.perf_counter() - t0, **cal.to_json()}
     write(args.out or Path(f"bench-out/projection-calibration-{args.generator}.json"), doc)
     gen, real = sorted(cal.generated_lpips), sorted(cal.real_lpips)
@@ -435,7 +443,12 @@ def cmd_cross(args: argparse.Namespace) -> None:
     for source, target, queries in pairs:
         info = get_generator(settings, target, store=store)
         ev = project_queries(
-            settings, store, target, queries, config=projection_config(info), batch=args.batch
+            settings,
+            store,
+            target,
+            queries,
+            config=fast_config(args, info),
+            batch=1 if target == MSG else args.batch,
         )
         ps = [e.probability_generated for e in ev]
         below = sum(1 for p in ps if p is None or p < 0.5)
@@ -515,6 +528,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--msg-steps",
+        type=int,
+        default=None,
+        help="fast-path steps for MobileStyleGAN in every subcommand (default: the product's setting)",
+    )
+    ap.add_argument(
+        "--msg-encoder-samples",
+        type=int,
+        default=None,
+        help=f"samples the MobileStyleGAN encoder is trained on, if it has none (default {ENCODERS[MSG][0]})",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("stylegan")
     p.add_argument("--n", type=int, default=40)
@@ -553,6 +578,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
+    if args.msg_encoder_samples:
+        ENCODERS[MSG] = (args.msg_encoder_samples, *ENCODERS[MSG][1:])
     args.fn(args)
 
 
