@@ -35,7 +35,7 @@ class LiveServer:
 
 @contextmanager
 def live_server(
-    env: dict[str, str], *, log_path: Path, startup_timeout_s: float = 60.0,
+    env: dict[str, str], *, log_path: Path, startup_timeout_s: float = 180.0,
     command: tuple[str, ...] = ("-m", "api.server"),
 ) -> Iterator[LiveServer]:  # fmt: skip
     """Start ``python -m api.server`` (uvicorn; or ``command``, e.g. ``-m api serve``) on 127.0.0.1:<free port>
