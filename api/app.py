@@ -13,15 +13,16 @@ from starlette.concurrency import run_in_threadpool
 
 from api import http_errors
 from api.engine import Engine
-from api.limits import BodySizeLimit
 from api.metrics import Metrics
 from api.ratelimit import RateLimiter, parse_rate
+from api.request_guard import RequestGuard
 from api.routes import router
 from api.routes_workflow import router as workflow_router
 from api.safety import check_startup_safety
 from api.settings import ApiSettings, get_api_settings
 from api.state import AppState, make_queue
 from api.web import router as web_router
+from api.work_slots import WorkSlots
 from indexer.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ def _build_state(settings: Settings, api_settings: ApiSettings, metrics: Metrics
         engine.close()
         raise
     limiter = RateLimiter(parse_rate(api_settings.rate_limit, api_settings.rate_burst))
-    return AppState(settings, api_settings, engine, queue, limiter, metrics)
+    slots = WorkSlots(api_settings.work_slots, api_settings.work_queue, api_settings.work_queue_wait_s)
+    return AppState(settings, api_settings, engine, queue, limiter, metrics, slots)
 
 
 def create_app(settings: Settings | None = None, api_settings: ApiSettings | None = None) -> FastAPI:
@@ -52,6 +54,7 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     settings = settings or get_settings()
     api_settings = api_settings or get_api_settings()
     parse_rate(api_settings.rate_limit, api_settings.rate_burst)  # a bad setting fails here, not per request
+    failure_limiter = RateLimiter(parse_rate(api_settings.auth_failure_rate))
     metrics = Metrics()
 
     @asynccontextmanager
@@ -78,7 +81,10 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     )  # fmt: skip
     http_errors.install(app)
     app.middleware("http")(metrics.middleware)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.upload_max_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(
+        RequestGuard, owner=app, max_body_bytes=settings.limits.upload_max_bytes + MULTIPART_OVERHEAD,
+        body_timeout_s=api_settings.request_body_timeout_s, failure_limiter=failure_limiter,
+    )  # fmt: skip  # outermost: keys and scopes are checked before anything reads the body
     app.include_router(router)
     app.include_router(workflow_router)
     app.include_router(web_router)

@@ -187,6 +187,8 @@ def search(
         verify_top=verify_top,
     )
     queries = list(_query_files(images or []))
+    if images and not queries and text is None:
+        raise SleuthError(f"no image files in {', '.join(str(p) for p in images)}: nothing to search")
     searcher = Searcher.open(
         settings, clip_model=load_clip(settings), face_detector=load_face_detector(settings),
         face_model=load_face_model(settings),

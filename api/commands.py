@@ -29,6 +29,7 @@ def serve(
     import uvicorn
 
     from api.app import create_app
+    from api.http_protocol import with_header_timeout
 
     settings = settings or get_settings()
     api_settings = api_settings or get_api_settings()
@@ -41,6 +42,7 @@ def serve(
     uvicorn.run(
         app, host=host or api_settings.api_host, port=api_settings.api_port if port is None else port,
         log_level=log_level, proxy_headers=False, server_header=False,
+        http=with_header_timeout(api_settings.request_header_timeout_s),  # type: ignore[arg-type]
     )  # fmt: skip
 
 

@@ -27,6 +27,7 @@ STATUS: list[tuple[type[e.SleuthError], int, str]] = [
     (e.CorruptImageError, 400, "corrupt"),
     (e.DecodeError, 400, "decode_error"),
     (e.SourceError, 400, "bad_source"),
+    (e.ServerBusyError, 503, "busy"),
     (e.JobQueueError, 503, "job_queue_unavailable"),
     (e.ModelUnavailableError, 503, "model_unavailable"),
     (e.IndexMismatchError, 503, "index_mismatch"),
@@ -53,7 +54,7 @@ async def sleuth_error(_request: Request, exc: Exception) -> JSONResponse:
     headers: dict[str, str] = {}
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    if isinstance(exc, e.RateLimitedError):
+    if isinstance(exc, e.RateLimitedError | e.ServerBusyError):
         headers["Retry-After"] = str(int(exc.retry_after))
     if isinstance(exc, e.IndexBusyError):
         headers["Retry-After"] = "5"

@@ -64,11 +64,15 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class JobStore:
-    """The job rows: every state change is one short transaction."""
+MAX_ATTEMPTS = 3
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+
+class JobStore:
+    """The job rows: every state change is one short transaction. A job whose process died under it is queued
+    again at most ``max_attempts`` times in all; then it fails with the reason (also across restarts)."""
+
+    def __init__(self, store: Store, *, max_attempts: int = MAX_ATTEMPTS) -> None:
+        self.store, self.max_attempts = store, max(1, max_attempts)
 
     def create(self, kind: str, params: dict[str, object], *, key_id: int | None) -> str:
         job_id = str(uuid.uuid4())
@@ -125,14 +129,22 @@ class JobStore:
             s.execute(update(Job).where(Job.id == job_id).values(progress=progress))
 
     def requeue(self, job_ids: list[str]) -> int:
+        """Queue running jobs whose worker died again; those out of attempts fail, saying why. Returns how many
+        were queued again."""
         if not job_ids:
             return 0
         with self.store.session() as s:
-            res = s.execute(
-                update(Job).where(Job.id.in_(job_ids), Job.status == "running").values(status="queued")
-            )
-            assert isinstance(res, CursorResult)
-            return int(res.rowcount)
+            rows = s.execute(select(Job).where(Job.id.in_(job_ids), Job.status == "running")).scalars()
+            queued = 0
+            for row in rows:
+                if row.attempts >= self.max_attempts:
+                    row.status, row.finished_at = "failed", _now()
+                    row.error = _gave_up(row)
+                    log.warning("job %s failed: %s", row.id, row.error)
+                else:
+                    row.status = "queued"
+                    queued += 1
+            return queued
 
     def ids_with_status(self, status: str, *, older_than_s: float = 0.0) -> list[str]:
         query = select(Job.id).where(Job.status == status)
@@ -144,6 +156,15 @@ class JobStore:
     def requeue_running(self) -> int:
         """At start-up of the embedded queue: jobs left running by a crash are queued again."""
         return self.requeue(self.ids_with_status("running"))
+
+
+def _gave_up(row: Job) -> str:
+    progress = row.progress or {}
+    where = ", ".join(f"{k} {v}" for k, v in progress.items()) or "before any progress"
+    return (
+        f"gave up after {row.attempts} attempts: the process running this job stopped each time "
+        f"(last progress: {where})"
+    )
 
 
 def run_one(jobs: JobStore, job_id: str, handlers: dict[str, Handler]) -> JobView:

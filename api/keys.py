@@ -13,10 +13,11 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from indexer.errors import InvalidApiKeyError, SleuthError
-from indexer.store.api_models import SCOPES, ApiKey
+from indexer.store.api_models import SCOPES, ApiKey, ApiKeyIds, AuditEvent
 from indexer.store.db import Store
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,24 @@ def create_key(store: Store, name: str, scopes: list[str] | tuple[str, ...]) -> 
     prefix = secrets.token_hex(6)
     token = f"{TOKEN_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
     with store.session() as s:
-        row = ApiKey(prefix=prefix, name=name.strip(), token_sha256=_digest(token), scopes=list(clean))
+        row = ApiKey(id=_next_key_id(s), prefix=prefix, name=name.strip(), token_sha256=_digest(token),
+                     scopes=list(clean))  # fmt: skip
         s.add(row)
         s.flush()
         info = _info(row)
     log.info("created API key %s (%s) with scopes %s", prefix, name, ",".join(clean))
     return info, token
+
+
+def _next_key_id(s: Session) -> int:
+    """The next key id from the issued-ids counter (the UPDATE takes its row lock: concurrent creations wait)."""
+    s.execute(update(ApiKeyIds).where(ApiKeyIds.id == 1).values(last_issued=ApiKeyIds.last_issued + 1))
+    issued = s.execute(select(ApiKeyIds.last_issued).where(ApiKeyIds.id == 1)).scalar()
+    if issued is None:  # a store made before the counter's migration row: start after every known id
+        known = [s.execute(select(func.max(column))).scalar() for column in (ApiKey.id, AuditEvent.key_id)]
+        issued = 1 + max(int(k or 0) for k in known)
+        s.add(ApiKeyIds(id=1, last_issued=issued))
+    return int(issued)
 
 
 def list_keys(store: Store) -> list[KeyInfo]:

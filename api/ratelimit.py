@@ -6,6 +6,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from indexer.errors import RateLimitedError, SleuthError
@@ -33,15 +34,21 @@ def parse_rate(text: str, burst: int | None = None) -> Rate:
 
 
 class RateLimiter:
-    """Thread-safe token buckets keyed by API key id."""
+    """Thread-safe token buckets keyed by API key id (or any other key: a client address). Full buckets are
+    forgotten, so the table holds only recently active keys."""
+
+    MAX_BUCKETS = 100_000
 
     def __init__(self, rate: Rate) -> None:
         self.rate = rate
-        self._buckets: dict[int, tuple[float, float]] = {}  # key id -> (tokens, last refill time)
+        self._buckets: dict[Hashable, tuple[float, float]] = {}  # key -> (tokens, last refill time)
         self._lock = threading.Lock()
 
-    def hit(self, key_id: int, cost: float = 1.0) -> float:
-        """Take ``cost`` tokens for ``key_id``; ``RateLimitedError`` when the bucket is empty. Returns tokens left."""
+    def hit(self, key_id: Hashable, cost: float = 1.0) -> float:
+        """Take ``cost`` tokens for ``key_id``; ``RateLimitedError`` when the bucket is empty. Returns tokens left.
+
+        A cost above the bucket size is charged as a full bucket (it is allowed once the bucket is full)."""
+        cost = min(float(cost), self.rate.burst)
         now = time.monotonic()
         with self._lock:
             tokens, last = self._buckets.get(key_id, (self.rate.burst, now))
@@ -50,8 +57,15 @@ class RateLimiter:
                 self._buckets[key_id] = (tokens, now)
                 wait = math.ceil((cost - tokens) / self.rate.per_second)
                 raise RateLimitedError(
-                    f"rate limit of {self.rate.text} exceeded for this API key; retry in {wait} s",
+                    f"rate limit of {self.rate.text} exceeded; retry in {wait} s",
                     retry_after=wait,
                 )
+            if len(self._buckets) >= self.MAX_BUCKETS:
+                self._forget_full(now)
             self._buckets[key_id] = (tokens - cost, now)
             return tokens - cost
+
+    def _forget_full(self, now: float) -> None:
+        for key, (tokens, last) in list(self._buckets.items()):
+            if tokens + (now - last) * self.rate.per_second >= self.rate.burst:
+                del self._buckets[key]

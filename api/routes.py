@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from api import audit, services
@@ -15,7 +16,9 @@ from api.auth import require_admin, require_any, require_ingest, require_search
 from api.keys import KeyInfo
 from api.search_form import SearchForm, search_form
 from api.state import AppState
+from indexer.decode import header_pixels
 from indexer.errors import ImageTooLargeError, NotFoundError
+from indexer.names import InvalidNameError, clean_name
 from search.report import ProvenanceReport, render_html
 
 router = APIRouter()
@@ -68,8 +71,18 @@ class QueuedOut(BaseModel):
     status: str = "queued"
 
 
+def _clean_collection(value: str) -> str:
+    try:
+        return clean_name(value)
+    except InvalidNameError as exc:
+        raise ValueError(str(exc)) from None  # a 422 naming the field
+
+
+CollectionName = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_clean_collection)]
+
+
 class CollectionIn(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
+    name: CollectionName
 
 
 class CollectionOut(BaseModel):
@@ -83,7 +96,7 @@ class IngestIn(BaseModel):
     source: str = Field(
         min_length=1, max_length=4096, description="a folder, manifest or shard inside SLEUTH_INGEST_ROOTS"
     )
-    collection: str = Field(min_length=1, max_length=200)
+    collection: CollectionName
     label: Literal["generated", "stock", "real", "unknown"] | None = None
     generator: str | None = Field(None, max_length=200)
 
@@ -98,6 +111,15 @@ class UploadOut(BaseModel):
 
 def _state(request: Request) -> AppState:
     return request.app.state.sleuth  # type: ignore[no-any-return]
+
+
+def _charge(state: AppState, key: KeyInfo, data: bytes) -> None:
+    """An upload costs one rate-limit token per ``request_cost_pixels`` of its header's size (the key's
+    dependency charged the first one): a 79 Mpx image is not charged like a thumbnail."""
+    pixels = header_pixels(data) or 0
+    cost = max(1, math.ceil(pixels / state.api_settings.request_cost_pixels))
+    if cost > 1:
+        state.limiter.hit(key.id, cost - 1)
 
 
 async def _read_upload(file: UploadFile, max_bytes: int) -> bytes:
@@ -136,10 +158,18 @@ async def create_search(
 ) -> JSONResponse:  # fmt: skip
     state = _state(request)
     data = await _read_upload(file, state.settings.limits.upload_max_bytes)
+    _charge(state, key, data)
     filters, region = search_form.filters(), search_form.region_box()
-    report = await run_in_threadpool(
-        services.run_search, state.engine, data, key_id=key.id, refine=refine, filters=filters, region=region
-    )
+    async with state.work_slots.take():  # decode and search: a bounded number at once (503 when full)
+        report = await run_in_threadpool(
+            services.run_search,
+            state.engine,
+            data,
+            key_id=key.id,
+            refine=refine,
+            filters=filters,
+            region=region,
+        )
     state.metrics.searches.labels(str(refine).lower()).inc()
     links = {
         "report_url": f"/v1/reports/{report.report_id}",
@@ -239,10 +269,12 @@ async def upload_image(
 ) -> dict[str, object]:  # fmt: skip
     state = _state(request)
     data = await _read_upload(file, state.settings.limits.upload_max_bytes)
-    return await run_in_threadpool(
-        services.upload_into_collection, state.engine, collection_id, data, key_id=key.id,
-        label=label, first_seen=first_seen, page_url=page_url,
-    )  # fmt: skip
+    _charge(state, key, data)
+    async with state.work_slots.take():
+        return await run_in_threadpool(
+            services.upload_into_collection, state.engine, collection_id, data, key_id=key.id,
+            label=label, first_seen=first_seen, page_url=page_url,
+        )  # fmt: skip
 
 
 @router.post(

@@ -20,7 +20,9 @@ from api.jobs import ProgressFn
 from indexer.decode import decode_image
 from indexer.errors import ForbiddenError, IndexBusyError, NotFoundError, SleuthError, SourceError
 from indexer.ingest import IngestSummary, ingest, thumbnail_path
-from indexer.sources import iter_source, source_kind
+from indexer.names import clean_name
+from indexer.safe_open import inside
+from indexer.sources import files_outside
 from indexer.store.api_models import Report
 from indexer.store.models import Collection, Image, Sighting
 from search.hit_filters import HitFilter
@@ -170,9 +172,7 @@ def list_collections(engine: Engine) -> list[dict[str, object]]:
 
 
 def create_collection(engine: Engine, name: str, *, key_id: int | None) -> dict[str, object]:
-    name = name.strip()
-    if not name or len(name) > 200:
-        raise SleuthError("a collection name must have 1 to 200 characters")
+    name = clean_name(name)
     with engine.store.session() as s:
         if s.execute(select(Collection.id).where(Collection.name == name)).scalar() is not None:
             raise SleuthError(f"the collection {name!r} exists already")
@@ -216,27 +216,37 @@ def upload_into_collection(
     name = collection_name(engine, collection_id)
     decoded = decode_image(data, limits=engine.settings.limits)
     path = upload_path(engine.settings, decoded.sha256)
+    written = not path.exists()
     _atomic_write(path, data)
     row: dict[str, object] = {"path": decoded.sha256}
     row.update({k: v for k, v in (("label", label), ("first_seen", first_seen), ("page_url", page_url)) if v})
     manifest = path.parent / f"upload-{uuid.uuid4().hex}.jsonl"  # one row: this file, keyed by its sha256
     manifest.write_text(json.dumps(row) + "\n")
+    image_id: int | None = None
     try:
         summary = _ingest_with_wait(engine, manifest, name, wait_s)
+        engine.reload()
+        image_id = _image_id(engine, decoded.sha256)
+        if image_id is None:
+            reasons = ", ".join(summary.failure_reasons) or "unknown"
+            raise SleuthError(f"the image could not be ingested ({reasons})")
     finally:
         manifest.unlink(missing_ok=True)
-    engine.reload()
-    with engine.store.session() as s:
-        image_id = s.execute(select(Image.id).where(Image.sha256 == decoded.sha256)).scalar()
-    if image_id is None:
-        reasons = ", ".join(summary.failure_reasons) or "unknown"
-        raise SleuthError(f"the image could not be ingested ({reasons})")
+        if image_id is None and written and _image_id(engine, decoded.sha256) is None:
+            path.unlink(missing_ok=True)  # a refused upload leaves no bytes behind
+    assert image_id is not None  # the block above raised otherwise
     audit.record(engine.store, "upload", key_id=key_id, query_sha256=decoded.sha256,
                  detail={"collection": name, "image_id": int(image_id)})  # fmt: skip
     return {
         "image_id": int(image_id), "sha256": decoded.sha256, "collection": name,
         "new": summary.new == 1, "already_in_collection": summary.skipped == 1,
     }  # fmt: skip
+
+
+def _image_id(engine: Engine, sha256: str) -> int | None:
+    with engine.store.session() as s:
+        found = s.execute(select(Image.id).where(Image.sha256 == sha256)).scalar()
+    return int(found) if found is not None else None
 
 
 def resolve_ingest_source(source: str, roots: list[Path]) -> Path:
@@ -260,29 +270,22 @@ def resolve_ingest_source(source: str, roots: list[Path]) -> Path:
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
-    return any(path == (real := root.resolve()) or path.is_relative_to(real) for root in roots)
+    return inside(path, roots)
 
 
 def check_source_items(source: Path, roots: list[Path]) -> None:
-    """Every file a folder or manifest source would read lies inside the roots too (no manifest row or
-    symlink reaches outside them); URL rows are recorded, never fetched (the source refuses to read them)."""
-    kind = source_kind(source)
-    if kind == "shards":
-        return  # members are read from the tar stream itself
-    base = source if kind == "folder" else source.parent
-    for item in iter_source(source):
-        if "://" in item.key:
-            continue
-        if not _inside((base / item.key).resolve(), roots):
-            raise ForbiddenError(
-                f"the source {source.name} reads {item.key!r}, which is outside the ingest roots"
-            )
+    """Every file a folder, manifest or shard source would read lies inside the roots too (no manifest row,
+    shard or symlink reaches outside them); checked again on each file when the job opens it. URL rows are
+    recorded, never fetched (the source refuses to read them)."""
+    for key in files_outside(source, roots):
+        raise ForbiddenError(f"the source {source.name} reads {key!r}, which is outside the ingest roots")
 
 
 def ingest_job(engine: Engine, params: dict[str, Any], progress: ProgressFn) -> dict[str, object]:
     """Job handler: ingest a server-side source (already checked against the roots, checked again here)."""
-    source = resolve_ingest_source(str(params["source"]), engine.api_settings.ingest_roots)
-    collection = str(params["collection"])
+    roots = engine.api_settings.ingest_roots
+    source = resolve_ingest_source(str(params["source"]), roots)
+    collection = clean_name(str(params["collection"]))
 
     def on_batch(summary: IngestSummary) -> None:
         progress({"stage": "ingesting", "items": summary.items, "new": summary.new,
@@ -291,7 +294,7 @@ def ingest_job(engine: Engine, params: dict[str, Any], progress: ProgressFn) -> 
     progress({"stage": "waiting for the write lock"})
     summary = _ingest_with_wait(
         engine, source, collection, LOCK_WAIT_S, label=params.get("label"), generator=params.get("generator"),
-        on_batch=on_batch,
+        on_batch=on_batch, roots=roots,
     )  # fmt: skip
     engine.reload()
     return {

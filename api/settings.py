@@ -30,6 +30,26 @@ class ApiSettings(BaseSettings):
         None, description="an admin token accepted without a key row (development only)"
     )
     search_k: int = Field(10, ge=1, le=100, description="hits per tier in an API search")
+    work_slots: int = Field(
+        2, ge=1, description="uploads decoded and searched at once (memory and CPU bound)"
+    )
+    work_queue: int = Field(32, ge=0, description="uploads that may wait for a work slot; more get 503")
+    work_queue_wait_s: float = Field(300.0, gt=0, description="longest wait for a work slot before a 503")
+    request_cost_pixels: int = Field(
+        4_000_000,
+        ge=1,
+        description="an upload costs one rate-limit token per this many pixels (at least one)",
+    )
+    auth_failure_rate: str = Field(
+        "30/minute", description="failed authentications (401/403) allowed per client address, then 429"
+    )
+    request_body_timeout_s: float = Field(120.0, gt=0, description="a request body must arrive within this")
+    request_header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection must send complete request headers within this, or is closed"
+    )
+    job_max_attempts: int = Field(
+        3, ge=1, description="times a job is started before it fails (a process dying under it counts)"
+    )
     index_reload_check_s: float = Field(2.0, ge=0, description="how often searches look for newer indexes")
 
 

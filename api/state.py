@@ -9,6 +9,7 @@ from api.jobs import EmbeddedQueue, Handler, JobQueue, JobStore, RedisQueue
 from api.metrics import Metrics
 from api.ratelimit import RateLimiter
 from api.settings import ApiSettings
+from api.work_slots import WorkSlots
 from indexer.settings import Settings
 
 
@@ -20,6 +21,7 @@ class AppState:
     queue: JobQueue
     limiter: RateLimiter
     metrics: Metrics
+    work_slots: WorkSlots
 
 
 def job_handlers(engine: Engine) -> dict[str, Handler]:
@@ -33,7 +35,7 @@ def job_handlers(engine: Engine) -> dict[str, Handler]:
 
 def make_queue(engine: Engine, api_settings: ApiSettings, *, run_worker: bool | None = None) -> JobQueue:
     """The embedded queue, or the Redis one when ``SLEUTH_JOB_QUEUE`` is a redis:// URL."""
-    jobs = JobStore(engine.store)
+    jobs = JobStore(engine.store, max_attempts=api_settings.job_max_attempts)
     handlers = job_handlers(engine)
     spec = api_settings.job_queue
     if spec.startswith(("redis://", "rediss://", "unix://")):

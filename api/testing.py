@@ -35,15 +35,17 @@ class LiveServer:
 
 @contextmanager
 def live_server(
-    env: dict[str, str], *, log_path: Path, startup_timeout_s: float = 60.0
-) -> Iterator[LiveServer]:
-    """Start ``python -m api.server`` (uvicorn) on 127.0.0.1:<free port> with ``env`` added; stop it after."""
+    env: dict[str, str], *, log_path: Path, startup_timeout_s: float = 180.0,
+    command: tuple[str, ...] = ("-m", "api.server"),
+) -> Iterator[LiveServer]:  # fmt: skip
+    """Start ``python -m api.server`` (uvicorn; or ``command``, e.g. ``-m api serve``) on 127.0.0.1:<free port>
+    with ``env`` added; stop it after."""
     port = free_port()
     full_env = os.environ | {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"} | env
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "api.server", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, *command, "--host", "127.0.0.1", "--port", str(port)],
             env=full_env, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
         server = LiveServer(f"http://127.0.0.1:{port}", process, log_path)

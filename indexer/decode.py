@@ -3,6 +3,12 @@
 Order of checks, cheapest first: empty -> byte size -> content sniff + Pillow format allow-list -> header
 dimensions (decompression-bomb guard, before any pixel is decoded) -> decode of the first frame -> EXIF
 transpose -> mode to RGB (alpha composited onto white). Every failure is a ``DecodeError`` subclass.
+
+Images larger than ``Limits.working_side`` are decoded at the size the pipeline needs (hashes, CLIP, faces,
+thumbnails and verification all work below 2048 px): a JPEG through libjpeg's DCT scaling (``draft``, 1/2 to 1/8
+of the pixels never exist), then every format reduced (box reduce + Lanczos) to that side before the EXIF
+transpose and the RGB conversion. A 79 Mpx JPEG so costs a few tens of MB, not gigabytes. ``DecodedImage.width``
+and ``height`` stay the original's; ``scale`` is the working image's size over them.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import re
 import struct
 from collections.abc import Callable
@@ -18,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from PIL import ExifTags, Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, ImageFile, UnidentifiedImageError
 
 from indexer.errors import (
     CorruptImageError,
@@ -42,6 +49,7 @@ except ImportError:  # pragma: no cover - pillow-heif is a declared dependency
 _T = TypeVar("_T")
 _MAX_TEXT = 300  # longest string kept in `exif` / `metadata`
 _MAX_EXIF_TAGS = 120
+_MAX_PNG_TEXT = 32  # PNG text chunks kept in `metadata` (a file may carry thousands)
 # Errors a malformed metadata block can raise while being parsed; metadata is best effort, pixels are not.
 _METADATA_ERRORS: tuple[type[Exception], ...] = (
     OSError,
@@ -88,6 +96,7 @@ class DecodedImage:
     exif: dict[str, str]  # readable EXIF tags (name -> trimmed str), empty if none
     metadata: dict[str, str]  # provenance hints: XMP fields, PNG text, C2PA/JUMBF presence, ICC name
     jpeg_quality: int | None = None  # IJG quality (1-100) the luminance table matches best; None if not JPEG
+    scale: float = 1.0  # `image`'s side over the original's (width, height): < 1 when decoded at working size
 
 
 # --- sniffing -------------------------------------------------------------------------------------
@@ -137,19 +146,17 @@ def decode_file(path: str | Path, *, limits: Limits | None = None) -> DecodedIma
 
     A file that cannot be opened at all raises the usual ``OSError`` (``FileNotFoundError``...)."""
     limits = limits or get_settings().limits
-    return decode_image(read_capped(Path(path), limits.max_bytes), limits=limits)
+    return decode_image(
+        read_capped(Path(path), limits.max_bytes, timeout_s=limits.read_timeout_s), limits=limits
+    )
 
 
-def read_capped(path: Path, max_bytes: int) -> bytes:
-    """The bytes of ``path``; ``ImageTooLargeError`` when it holds more than ``max_bytes`` (checked first)."""
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise ImageTooLargeError(f"{path.name}: file is {size} bytes, over the limit max_bytes={max_bytes}")
-    with path.open("rb") as handle:
-        data = handle.read(max_bytes + 1)  # the file may have grown since stat()
-    if len(data) > max_bytes:
-        raise ImageTooLargeError(f"{path.name}: file is over the limit max_bytes={max_bytes}")
-    return data
+def read_capped(path: Path, max_bytes: int, *, timeout_s: float = 60.0) -> bytes:
+    """The bytes of the regular file ``path``; ``ImageTooLargeError`` past ``max_bytes`` (checked first),
+    ``NotRegularFileError`` for a FIFO or device (never blocks), ``ReadTimeoutError`` past ``timeout_s``."""
+    from indexer.safe_open import read_regular
+
+    return read_regular(path, max_bytes=max_bytes, roots=None, timeout_s=timeout_s)
 
 
 def decode_image(data: bytes, *, limits: Limits | None = None) -> DecodedImage:
@@ -181,12 +188,24 @@ def decode_image(data: bytes, *, limits: Limits | None = None) -> DecodedImage:
 def _decode(data: bytes, sha256: str, limits: Limits) -> DecodedImage:
     im = _open(data, limits)
     _check_dimensions(im.size, limits, where="header")
+    original = im.size
+    drafted = _draft(im, limits.working_side)
     im.seek(0)
     im.load()  # decodes the first frame only; a truncated stream raises here
-    _check_dimensions(im.size, limits, where="first frame")  # GIF frames may grow the canvas
+    if not drafted:
+        _check_dimensions(im.size, limits, where="first frame")  # GIF frames may grow the canvas
+        original = im.size
     original_mode = im.mode
-    upright = _exif_transpose(im)  # a transposed copy; `im` keeps its EXIF for the metadata
-    rgb = to_rgb(upright)
+    pixels = _reduce(im, limits.working_side)  # RGB-like modes are reduced before any copy is made
+    orientation = _best_effort(lambda: im.getexif().get(0x0112), None, "EXIF orientation")
+    method = _ORIENTATION_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    if method is not None:
+        pixels = pixels.transpose(method)  # a transposed copy; `im` keeps its EXIF for the metadata
+        if method in _SWAPS_SIDES:
+            original = (original[1], original[0])
+    elif pixels is im:
+        pixels = im.copy()  # the decoded image never holds the file it came from
+    rgb = _reduce(to_rgb(pixels), limits.working_side)  # palette, 16-bit...: reduced once they are RGB
     no_exif: dict[str, str] = {}
     no_metadata: dict[str, str] = {}
     exif = _best_effort(lambda: _read_exif(im), no_exif, "EXIF")
@@ -199,15 +218,52 @@ def _decode(data: bytes, sha256: str, limits: Limits) -> DecodedImage:
         image=rgb,
         sha256=sha256,
         format=str(im.format),
-        width=rgb.width,
-        height=rgb.height,
+        width=original[0],
+        height=original[1],
         num_bytes=len(data),
         n_frames=n_frames,
         mode=original_mode,
         exif=exif,
         metadata=metadata,
         jpeg_quality=quality,
+        scale=1.0 if rgb.size == original else max(rgb.size) / max(original),
     )
+
+
+_SWAPS_SIDES = {Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
+                Image.Transpose.ROTATE_270}  # fmt: skip
+_REDUCIBLE_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "CMYK", "YCbCr")
+
+
+def _draft(im: Image.Image, side: int) -> bool:
+    """Ask libjpeg to decode a JPEG larger than ``side`` at 1/2, 1/4 or 1/8 scale (never below ``side``)."""
+    width, height = im.size
+    if im.format not in ("JPEG", "MPO") or max(width, height) <= side:
+        return False
+    factor = side / max(width, height)
+    im.draft(im.mode, (math.ceil(width * factor), math.ceil(height * factor)))
+    return True
+
+
+def _reduce(im: Image.Image, side: int) -> Image.Image:
+    """``im`` with its longest side reduced to ``side`` (box reduce, then Lanczos); as is when it is smaller or
+    in a mode that is reduced once converted to RGB (palette, 16-bit, 1-bit)."""
+    width, height = im.size
+    if max(width, height) <= side or im.mode not in _REDUCIBLE_MODES:
+        return im
+    factor = side / max(width, height)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def header_pixels(data: bytes) -> int | None:
+    """width x height from the header of ``data`` (nothing decoded), for costing a request; None if unknown."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except Exception:  # noqa: BLE001 - unreadable headers are for decode_image to classify
+        return None
+    return int(width) * int(height)
 
 
 # The IJG (libjpeg) luminance quantisation table at quality 50, in natural (row-major) order (JPEG standard,
@@ -335,19 +391,6 @@ def _to_8bit_gray(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))  # [H, W] uint8, mode "L"
 
 
-def _exif_transpose(im: Image.Image) -> Image.Image:
-    """``ImageOps.exif_transpose``; when a malformed EXIF block breaks it, the Orientation tag alone is used."""
-    try:
-        return ImageOps.exif_transpose(im)
-    except _METADATA_ERRORS as exc:
-        logger.debug(
-            "exif_transpose failed (%s: %s); applying the Orientation tag alone", type(exc).__name__, exc
-        )
-    orientation = _best_effort(lambda: im.getexif().get(0x0112), None, "EXIF orientation")
-    method = _ORIENTATION_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
-    return im.transpose(method) if method is not None else im.copy()
-
-
 def _count_frames(im: Image.Image) -> int:
     n = int(getattr(im, "n_frames", 1))
     if n > _EXTRA_FRAMES_CAP:
@@ -409,10 +452,15 @@ def _read_metadata(im: Image.Image, data: bytes) -> dict[str, str]:
                 meta[f"xmp:{field}"] = value
     if im.format == "PNG":
         texts = getattr(im, "text", {})
+        kept = 0
         for key, value in texts.items():
             text = _text(value)
             if text is not None and key != "XML:com.adobe.xmp":
                 meta[f"png:{key}"[:64]] = text
+                kept += 1
+                if kept >= _MAX_PNG_TEXT:
+                    meta["png_text_truncated"] = f"{len(texts)} text chunks, {_MAX_PNG_TEXT} kept"
+                    break
     comment = _text(im.info.get("comment", b""))
     if comment:
         meta["comment"] = comment

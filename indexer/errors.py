@@ -38,6 +38,20 @@ class CorruptImageError(DecodeError):
 class SourceError(SleuthError):
     """A source (folder, manifest, shard) cannot be read or has an invalid row."""
 
+    reason = "source_error"
+
+
+class NotRegularFileError(SourceError):
+    """A source path is a FIFO, socket, device or folder where a file was expected: never read."""
+
+    reason = "not_regular"
+
+
+class ReadTimeoutError(SourceError):
+    """Reading a source file took longer than its deadline (``Limits.read_timeout_s``)."""
+
+    reason = "read_timeout"
+
 
 class IndexBusyError(SleuthError):
     """Another process holds the write lock of this data directory."""
@@ -67,6 +81,21 @@ class InvalidApiKeyError(SleuthError):
 
 class ForbiddenError(SleuthError):
     """The API key lacks the scope an action needs, or a path is outside the allowed roots (HTTP 403)."""
+
+
+class OutsideRootsError(ForbiddenError, SourceError):
+    """The file actually opened (after every symlink) lies outside the ingest roots (HTTP 403; an ingest item
+    records it as a failure)."""
+
+    reason = "outside_roots"
+
+
+class ServerBusyError(SleuthError):
+    """Every work slot (decode and inference in flight) is taken (HTTP 503 with ``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class NotFoundError(SleuthError):

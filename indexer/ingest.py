@@ -14,10 +14,10 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ from indexer.decode import DecodedImage, decode_image
 from indexer.errors import DecodeError, SleuthError, SourceError
 from indexer.hashes import PerceptualHashes, compute_hashes
 from indexer.index_sync import SyncResult, clip_spec, face_spec, sync_all
+from indexer.names import clean_name
 from indexer.settings import Settings
 from indexer.sources import SourceItem, count_source, iter_source
 from indexer.store.db import Store, open_store
@@ -120,6 +121,14 @@ class _Prepared:
     hashes: PerceptualHashes | None = None
     error: SleuthError | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """The decoded pixels this item holds until its batch is written."""
+        if self.decoded is None:
+            return 0
+        width, height = self.decoded.image.size
+        return width * height * 3
+
 
 def _prepare(settings: Settings, item: SourceItem) -> _Prepared:
     """Read, decode, hash and thumbnail one item (runs in worker threads)."""
@@ -133,12 +142,6 @@ def _prepare(settings: Settings, item: SourceItem) -> _Prepared:
         return _Prepared(item, error=exc)
     except OSError as exc:
         return _Prepared(item, error=SourceError(f"cannot read {item.key}: {exc}"))
-
-
-def _batched(items: Iterable[SourceItem], n: int) -> Iterator[list[SourceItem]]:
-    it = iter(items)
-    while batch := list(islice(it, n)):
-        yield batch
 
 
 def _validate_label(label: str | None) -> str | None:
@@ -421,14 +424,19 @@ def ingest(
     progress: bool = False,
     workers: int = 2,
     on_batch: Callable[[IngestSummary], None] | None = None,
+    roots: Sequence[Path] | None = None,
 ) -> IngestSummary:
     """Ingest every item of ``source`` into ``collection``; safe to re-run and to resume after a crash.
 
     Faces (with ``face_detector``) are embedded by ``face_model`` (identity, ``indexer.face_identity``) when
-    given, else by CLIP on the aligned crop."""
+    given, else by CLIP on the aligned crop. ``roots`` (server-side ingest): every file is opened only when it
+    lies inside them (checked on the opened file; an item outside is recorded as an ``outside_roots`` failure).
+    A batch holds at most ``settings.batch_size`` items and ``settings.limits.ingest_batch_max_bytes`` of
+    decoded pixels."""
     from indexer.face_identity import face_embedder_for
 
     _validate_label(label)
+    collection = clean_name(collection)
     summary = IngestSummary(source=str(source), collection=collection)
     summary.tiers = ["sha256", "pdq", "phash"]
     summary.tiers.append(f"clip ({embedder.model_id})" if embedder else "clip skipped: no model configured")
@@ -471,7 +479,7 @@ def ingest(
             status = "interrupted"
             try:
                 _run_batches(
-                    settings, source, collections, writer, summary, progress, workers, on_batch, store
+                    settings, source, collections, writer, summary, progress, workers, on_batch, store, roots
                 )
                 collections.drop_unused_default(summary.run_id)
                 summary.collections = collections.names
@@ -504,22 +512,20 @@ def _run_batches(
     workers: int,
     on_batch: Callable[[IngestSummary], None] | None,
     store: Store,
+    roots: Sequence[Path] | None,
 ) -> None:
-    total = count_source(source)
+    total = count_source(source, roots=roots)
     last_sync = time.monotonic()
     bar = tqdm(
         total=total, unit="img", desc=f"ingest {Path(str(source)).name}", disable=not progress, leave=False
     )
+    items = iter_source(source, limits=settings.limits, roots=roots)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for batch in _batched(iter_source(source, limits=settings.limits), settings.batch_size):
-            summary.items += len(batch)
-            todo = [item for item in batch if not collections.done(item)]
-            summary.skipped += len(batch) - len(todo)
-            prepared = list(pool.map(lambda it: _prepare(settings, it), todo))
-            writer.write(prepared)
-            for item in todo:
-                collections.mark_done(item)
-            bar.update(len(batch))
+        for batch, seen in _prepared_batches(settings, items, collections, pool, max(1, workers)):
+            summary.items += seen
+            summary.skipped += seen - len(batch)
+            writer.write(batch)
+            bar.update(seen)
             bar.set_postfix(new=summary.new, dup=summary.duplicates, fail=summary.failures, refresh=False)
             if on_batch:
                 on_batch(summary)
@@ -527,3 +533,42 @@ def _run_batches(
                 sync_all(store, settings.index_dir, threshold=settings.approx_index_threshold)
                 last_sync = time.monotonic()
     bar.close()
+
+
+def _prepared_batches(
+    settings: Settings, items: Iterable[SourceItem], collections: _Collections, pool: ThreadPoolExecutor,
+    workers: int,
+) -> Iterator[tuple[list[_Prepared], int]]:  # fmt: skip
+    """(prepared batch in source order, items seen for it) with at most ``batch_size`` items and
+    ``ingest_batch_max_bytes`` of decoded pixels each; at most ``workers`` items decode ahead of the batch, so
+    what is held at once is one batch plus ``workers`` images (at working size), never a whole count-batch
+    of large ones."""
+    cap_items, cap_bytes = settings.batch_size, settings.limits.ingest_batch_max_bytes
+    pending: deque[Future[_Prepared]] = deque()
+    batch: list[_Prepared] = []
+    held, seen = 0, 0
+
+    def take_oldest() -> bool:
+        """Move the oldest prepared item into the batch; True when the batch is full."""
+        nonlocal held
+        prepared = pending.popleft().result()
+        batch.append(prepared)
+        held += prepared.nbytes
+        return len(batch) >= cap_items or held >= cap_bytes
+
+    for item in items:
+        seen += 1
+        if collections.done(item):
+            continue
+        collections.mark_done(item)  # in flight: a repeated key of the source is not read twice
+        pending.append(pool.submit(_prepare, settings, item))
+        while len(pending) > workers or (pending and pending[0].done()):
+            if take_oldest():
+                yield batch, seen
+                batch, held, seen = [], 0, 0
+    while pending:
+        if take_oldest():
+            yield batch, seen
+            batch, held, seen = [], 0, 0
+    if batch or seen:
+        yield batch, seen

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -19,6 +19,16 @@ class Limits(BaseModel):
     max_side: int = Field(30_000, description="largest accepted width or height")
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "MPO")
     upload_max_bytes: int = Field(20 * 1024 * 1024, description="largest accepted API upload")
+    working_side: int = Field(
+        2048,
+        ge=256,
+        description="larger images are decoded (JPEG draft) or reduced to this longest side: what every tier "
+        "needs; the original's dimensions are kept in DecodedImage.width/height",
+    )
+    ingest_batch_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="decoded pixel bytes an ingest batch holds at most"
+    )
+    read_timeout_s: float = Field(60.0, gt=0, description="deadline for reading one source file")
 
 
 class Settings(BaseSettings):
@@ -47,13 +57,19 @@ class Settings(BaseSettings):
     environment: str = Field("development", description="development or production")
     limits: Limits = Field(default_factory=Limits)
 
+    @field_validator("clip_model", "face_detector", "face_model", "lpips_weights", mode="before")
+    @classmethod
+    def _empty_means_unset(cls, value: object) -> object:
+        """``SLEUTH_FACE_DETECTOR=`` (empty) turns the model off; it is not the current folder."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _pulled_models(self) -> Settings:
         """Model settings the environment leaves unset default to what ``sleuth models pull`` fetched."""
         from indexer.model_pull import pulled_settings
 
         for name, value in pulled_settings(self.data_dir).items():
-            if getattr(self, name) is None:
+            if getattr(self, name) is None and name not in self.model_fields_set:  # set empty: off
                 setattr(self, name, Path(value) if name in ("face_detector", "lpips_weights") else value)
         return self
 

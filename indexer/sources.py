@@ -2,12 +2,15 @@
 
 ``iter_source`` looks at what it is given and yields ``SourceItem``s in a deterministic order; each item
 reads its own bytes lazily (folders, manifests) or from the tar stream it came from (shards). Nothing is
-ever downloaded and no tar is ever extracted to disk.
+ever downloaded and no tar is ever extracted to disk. With ``roots`` (server-side ingest), every file is checked
+against them when it is opened (``indexer.safe_open``): images, manifests and shards alike; only regular files
+are ever read, each within ``Limits.read_timeout_s``.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -15,14 +18,16 @@ import os
 import re
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from functools import partial
 from pathlib import Path, PurePosixPath
 
-from indexer.decode import read_capped, sniff_format
-from indexer.errors import SourceError
+from indexer.decode import sniff_format
+from indexer.errors import NotRegularFileError, OutsideRootsError, SourceError
+from indexer.names import InvalidNameError, clean_name
+from indexer.safe_open import DeadlineReader, inside, open_regular, read_regular, sniff_head
 from indexer.settings import Limits, get_settings
 
 logger = logging.getLogger(__name__)
@@ -78,32 +83,61 @@ class SourceItem:
 
 
 # --- dispatch -------------------------------------------------------------------------------------
-def iter_source(source: str | Path, *, limits: Limits | None = None) -> Iterator[SourceItem]:
+@dataclass(frozen=True)
+class _Reading:
+    """How files of one source are read: size cap, roots checked at open time (None: any), deadline."""
+
+    max_bytes: int
+    roots: tuple[Path, ...] | None
+    timeout_s: float
+
+
+def iter_source(
+    source: str | Path, *, limits: Limits | None = None, roots: Sequence[Path] | None = None
+) -> Iterator[SourceItem]:
     """Items of ``source``: a folder, a ``.csv``/``.jsonl`` manifest, a ``.tar`` shard, a folder of shards
     or a brace pattern of shards (``shards/{00000..00009}.tar``). The source itself is checked now (a missing
-    path raises ``SourceError`` here); bad rows raise ``SourceError`` while iterating."""
-    max_bytes = (limits or get_settings().limits).max_bytes
+    path raises ``SourceError`` here); bad rows raise ``SourceError`` while iterating. ``roots``: every file
+    opened must lie inside them (``OutsideRootsError`` otherwise), checked on the opened file."""
+    limits = limits or get_settings().limits
+    how = _Reading(limits.max_bytes, tuple(roots) if roots is not None else None, limits.read_timeout_s)
     kind, base, paths = _resolve(source)
     if kind == "manifest":
-        return _iter_manifest(paths[0], max_bytes)
+        return _iter_manifest(paths[0], how)
     if kind == "shards":
-        return _iter_shards(base, paths, max_bytes)
-    return (_folder_item(base, path, max_bytes) for path in paths)
+        return _iter_shards(base, paths, how)
+    return (_folder_item(base, path, how) for path in paths)
 
 
-def _folder_item(base: Path, path: Path, max_bytes: int) -> SourceItem:
+def _folder_item(base: Path, path: Path, how: _Reading) -> SourceItem:
     key = path.relative_to(base).as_posix()
-    return SourceItem(key=key, read=partial(_read_local, path, max_bytes, key))
+    return SourceItem(key=key, read=partial(_read_local, path, how, key))
 
 
-def count_source(source: str | Path) -> int | None:
+def count_source(source: str | Path, *, roots: Sequence[Path] | None = None) -> int | None:
     """How many items ``source`` yields when that is cheap to know (folders, manifests); else None."""
     kind, base, paths = _resolve(source)
     if kind == "folder":
         return len(paths)
     if kind == "manifest":
-        return sum(1 for _ in _manifest_rows(paths[0]))
+        return sum(1 for _ in _manifest_rows(paths[0], tuple(roots) if roots is not None else None))
     return None
+
+
+def files_outside(source: str | Path, roots: Sequence[Path]) -> Iterator[str]:
+    """The keys (shard paths for shards) of ``source`` whose files, symlinks resolved, lie outside ``roots``
+    (checked before a job is queued; the same check runs again on each file when it is opened)."""
+    kind, base, paths = _resolve(source)
+    if kind == "shards":
+        candidates = [(str(p), p) for p in paths]
+    elif kind == "manifest":
+        rows = _iter_manifest(paths[0], _Reading(0, tuple(roots), 60.0))
+        candidates = [(item.key, paths[0].parent / item.key) for item in rows if "://" not in item.key]
+    else:
+        candidates = [(p.relative_to(base).as_posix(), p) for p in paths]
+    for key, path in candidates:
+        if not inside(Path(os.path.realpath(path)), roots):
+            yield key
 
 
 def source_kind(source: str | Path) -> str:
@@ -188,18 +222,22 @@ def _scan_shards(root: Path) -> list[Path]:
 
 
 def _sniffs_as_image(path: Path) -> bool:
-    try:
-        with path.open("rb") as handle:
-            return sniff_format(handle.read(_SNIFF_BYTES)) is not None
-    except OSError as exc:
-        logger.warning("cannot read %s to sniff it: %s", path, exc)
+    """Image magic bytes at the start of ``path``; a FIFO, device or unreadable file is not sniffed (never
+    blocks) and is left out."""
+    head = sniff_head(path, _SNIFF_BYTES)
+    if head is None:
+        logger.warning("%s: not a readable regular file, left out", path)
         return False
+    return sniff_format(head) is not None
 
 
-def _read_local(path: Path, max_bytes: int, key: str) -> bytes:
-    """Bytes of a local file; ImageTooLargeError past ``max_bytes``, SourceError when it cannot be read."""
+def _read_local(path: Path, how: _Reading, key: str) -> bytes:
+    """Bytes of a local file; ImageTooLargeError past the cap, SourceError (``OutsideRootsError``,
+    ``NotRegularFileError``, ``ReadTimeoutError``...) when it cannot or may not be read."""
     try:
-        return read_capped(path, max_bytes)
+        return read_regular(path, max_bytes=how.max_bytes, roots=how.roots, timeout_s=how.timeout_s)
+    except (OutsideRootsError, NotRegularFileError) as exc:
+        raise type(exc)(f"{key}: {exc}") from exc
     except FileNotFoundError as exc:
         raise SourceError(f"{key}: the file vanished ({path})") from exc
     except OSError as exc:
@@ -215,10 +253,16 @@ def _same_bytes(data: bytes) -> bytes:
 
 
 # --- manifests ------------------------------------------------------------------------------------
-def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
-    """(line number, row with lower-cased column names) of a CSV or JSONL manifest."""
+def _manifest_rows(
+    path: Path, roots: tuple[Path, ...] | None = None
+) -> Iterator[tuple[int, dict[str, object]]]:
+    """(line number, row with lower-cased column names) of a CSV or JSONL manifest (a regular file, inside
+    ``roots`` when given)."""
     try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
+        with (
+            open_regular(path, roots=roots) as raw,
+            io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as handle,
+        ):
             if path.suffix.lower() == ".csv":
                 reader = csv.DictReader(handle)
                 for row in reader:
@@ -241,14 +285,14 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
         raise SourceError(f"{path}: cannot read the manifest: {exc}") from exc
 
 
-def _iter_manifest(path: Path, max_bytes: int) -> Iterator[SourceItem]:
-    for number, row in _manifest_rows(path):
+def _iter_manifest(path: Path, how: _Reading) -> Iterator[SourceItem]:
+    for number, row in _manifest_rows(path, how.roots):
         where = f"{path.name}:{number}"
         local = _field(row, "path", "file")
         url = _field(row, "url")
         if local:
             key = PurePosixPath(local.replace("\\", "/")).as_posix()
-            read = partial(_read_local, path.parent / key, max_bytes, key)
+            read = partial(_read_local, path.parent / key, how, key)
         elif url:
             key, read = url, partial(_refuse_url, url)
         else:
@@ -264,7 +308,7 @@ def _item(key: str, read: Callable[[], bytes], row: Mapping[str, object], where:
         read=read,
         url=_field(row, "url"),
         page_url=_field(row, "page_url"),
-        collection=_field(row, "collection"),
+        collection=_collection(row, where),
         label=label,
         generator=_field(row, "generator", "generator_if_known"),
         licence=_field(row, "licence", "license"),
@@ -291,6 +335,16 @@ def _text(value: object) -> str | None:
 
 def _field(row: Mapping[str, object], *names: str) -> str | None:
     return _text(_raw(row, *names))
+
+
+def _collection(row: Mapping[str, object], where: str) -> str | None:
+    value = _field(row, "collection")
+    if value is None:
+        return None
+    try:
+        return clean_name(value)
+    except InvalidNameError as exc:
+        raise SourceError(f"{where}: {exc}") from exc
 
 
 def _label(row: Mapping[str, object], where: str) -> str | None:
@@ -357,13 +411,13 @@ def _seed(value: object, where: str) -> int | None:
 
 
 # --- tar shards -----------------------------------------------------------------------------------
-def _iter_shards(base: Path, shards: list[Path], max_bytes: int) -> Iterator[SourceItem]:
+def _iter_shards(base: Path, shards: list[Path], how: _Reading) -> Iterator[SourceItem]:
     for shard in shards:
         try:
             label = shard.relative_to(base).as_posix()
         except ValueError:
             label = shard.name
-        yield from _iter_shard(shard, label, max_bytes)
+        yield from _iter_shard(shard, label, how)
 
 
 def _member_key(member: tarfile.TarInfo, shard: str) -> tuple[str, str] | None:
@@ -394,13 +448,19 @@ class _Sample:
         self.sidecar: bytes | None = None
 
 
-def _iter_shard(shard: Path, label: str, max_bytes: int) -> Iterator[SourceItem]:
-    """Samples of one shard in stream order; members of one sample must be adjacent (WebDataset rule)."""
+def _iter_shard(shard: Path, label: str, how: _Reading) -> Iterator[SourceItem]:
+    """Samples of one shard in stream order; members of one sample must be adjacent (WebDataset rule). The
+    shard is opened as a regular file inside the roots; each member is read within the deadline."""
     sample: _Sample | None = None
     end_of_members = 0
+    max_bytes = how.max_bytes
     try:
-        with tarfile.open(shard, mode="r|*") as tar:
+        with (
+            open_regular(shard, roots=how.roots) as raw,
+            tarfile.open(fileobj=(reader := DeadlineReader(raw, how.timeout_s, label)), mode="r|*") as tar,
+        ):  # type: ignore[arg-type]
             while (member := tar.next()) is not None:
+                reader.renew()
                 _forget_seen_headers(tar)
                 end_of_members = tar.offset  # where the next header starts
                 parsed = _member_key(member, label)

@@ -39,7 +39,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from indexer.errors import ModelUnavailableError, UnsafeCheckpointError
@@ -492,15 +492,22 @@ def _sort_header_(path: str | Path) -> None:
 
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as fh:
-        return dict(fh.metadata() or {})
+    """The metadata of a safetensors file; ``ModelUnavailableError`` when the file is malformed."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except SafetensorError as exc:
+        raise ModelUnavailableError(f"{path}: not a valid safetensors file: {exc}") from exc
 
 
 def load_safetensors(path: str | Path) -> Generator:
-    """The generator ``save_safetensors`` wrote (eval mode, frozen)."""
+    """The generator ``save_safetensors`` wrote (eval mode, frozen); ``ModelUnavailableError`` when malformed."""
     meta = read_safetensors_metadata(path)
     family = meta.get("family")
-    tensors = load_file(str(path), device="cpu")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except SafetensorError as exc:
+        raise ModelUnavailableError(f"{path}: not a valid safetensors file: {exc}") from exc
     if family == "stylegan2":
         try:
             cfg = StyleGAN2Config.from_dict(json.loads(meta["config"]))

@@ -44,7 +44,8 @@ class Region:
 
 def crop_to_region(decoded: DecodedImage, region: Region, *, limits: Limits) -> tuple[DecodedImage, bytes]:
     """The region of ``decoded`` as a decoded query and its PNG bytes. The rectangle is clipped to the image;
-    SleuthError when what remains is smaller than ``MIN_SIDE`` on a side."""
+    SleuthError when what remains is smaller than ``MIN_SIDE`` on a side. The region is in the original's pixels
+    (``decoded.width`` x ``decoded.height``), also when the image was decoded at a working size."""
     left, top = min(region.x, decoded.width), min(region.y, decoded.height)
     right = min(region.x + region.width, decoded.width)
     bottom = min(region.y + region.height, decoded.height)
@@ -53,7 +54,12 @@ def crop_to_region(decoded: DecodedImage, region: Region, *, limits: Limits) -> 
             f"the region {region.x},{region.y},{region.width},{region.height} leaves less than {MIN_SIDE} px "
             f"of the {decoded.width}x{decoded.height} image on a side"
         )
+    box = (left, top, right, bottom)
+    if decoded.scale != 1.0:  # the region is in the original's pixels; the image was decoded at working size
+        box = tuple(
+            min(round(v * decoded.scale), limit) for v, limit in zip(box, decoded.image.size * 2, strict=True)
+        )  # type: ignore[assignment]
     buf = io.BytesIO()
-    decoded.image.crop((left, top, right, bottom)).save(buf, format="PNG")
+    decoded.image.crop(box).save(buf, format="PNG")
     data = buf.getvalue()
     return decode_image(data, limits=limits), data

@@ -67,7 +67,8 @@ def make_api(tmp_path: Path, **api_overrides: object) -> Iterator[Api]:
     keys = {scope: create_key(store, scope, [scope])[1] for scope in ("search", "ingest", "admin")}
     keys["other"] = create_key(store, "other investigator", ["search"])[1]
     store.dispose()
-    api_settings = ApiSettings(**({"ingest_roots": [roots], "rate_limit": "1000/second"} | api_overrides))  # type: ignore[arg-type]
+    defaults = {"ingest_roots": [roots], "rate_limit": "1000/second", "auth_failure_rate": "100000/minute"}
+    api_settings = ApiSettings(**(defaults | api_overrides))  # type: ignore[arg-type]
     with TestClient(create_app(settings, api_settings)) as client:
         yield Api(client, keys, roots, settings)
 

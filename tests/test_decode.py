@@ -501,7 +501,10 @@ def _decode_or_decode_error(data: bytes) -> None:
         assert str(exc)
         return
     assert decoded.image.mode == "RGB"
-    assert decoded.image.size == (decoded.width, decoded.height)
+    if decoded.scale == 1.0:
+        assert decoded.image.size == (decoded.width, decoded.height)
+    else:  # decoded at the working size; width and height stay the original's
+        assert max(decoded.image.size) == LIMITS.working_side < max(decoded.width, decoded.height)
 
 
 @FUZZ

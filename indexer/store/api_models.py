@@ -1,4 +1,4 @@
-"""SQLAlchemy models of the API: keys, jobs, reports and the audit log (tables added by migration 0002)."""
+"""SQLAlchemy models of the API: keys, jobs, reports and the audit log (tables added by migrations 0002, 0004)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,16 @@ class ApiKey(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ApiKeyIds(Base):
+    """One row: the last key id ever issued (migration 0004). Key ids come from here, so an id never repeats,
+    even if a key row were removed behind Sleuth's back (a trigger refuses DELETE on ``api_keys``)."""
+
+    __tablename__ = "api_key_ids"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_issued: Mapped[int] = mapped_column(Integer)
 
 
 class Job(Base):
