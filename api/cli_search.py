@@ -28,23 +28,12 @@ from api.cli_options import (
     load_face_model,
     out,
     print_json,
+    query_files,
     settings_for,
 )
 from api.search_output import Sink, hit_row, with_verdict
 from indexer.errors import DecodeError, SleuthError
 from indexer.settings import Settings
-
-
-def _query_files(inputs: list[Path]) -> Iterator[Path]:
-    """Each input file, and each file under an input folder (recursive, stable order), in input order."""
-    for path in inputs:
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        elif path.exists():
-            yield path
-        else:
-            raise SleuthError(f"no such file or folder: {path}")
-
 
 WIDE_TABLE = 120  # columns from which the hits are a table (narrower: one block per hit)
 
@@ -186,7 +175,7 @@ def search(
         same_person_max_distance=same_person_max_distance,
         verify_top=verify_top,
     )
-    queries = list(_query_files(images or []))
+    queries = list(query_files(images or []))
     searcher = Searcher.open(
         settings, clip_model=load_clip(settings), face_detector=load_face_detector(settings),
         face_model=load_face_model(settings),
