@@ -120,7 +120,7 @@ def list_(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
         rows = list_detectors(store)
     finally:
         store.dispose()
-    docs = [
+    docs: list[dict[str, Any]] = [
         {"name": r.name, "method": r.method, "created_at": r.created_at, "weights_sha256": r.weights_sha256,
          "scope": (r.summary or {}).get("scope")}
         for r in rows

@@ -144,6 +144,12 @@ def search(
         float | None, typer.Option(help="face identity distance (unit descriptors) for the same person")
     ] = None,
     verify_top: Annotated[int | None, typer.Option(min=0, help="candidates verified with RANSAC")] = None,
+    detector: Annotated[
+        str | None,
+        typer.Option(
+            "--detector", help="detector for the detector tier (default: the newest trained; none: off)"
+        ),
+    ] = None,
     fmt: FormatOpt = "table",
     out_file: OutOpt = None,
     clip_model: ClipOpt = None,
@@ -154,6 +160,7 @@ def search(
 ) -> None:
     """Search images, folders of images or a text: each query's verdict and its hits, in input order."""
     from indexer.decode import decode_image, read_capped
+    from search.detector import detector_tier, with_detector
     from search.hit_filters import HitFilter
     from search.query import Searcher, Thresholds, result_to_json
     from search.region import Region, crop_to_region
@@ -208,6 +215,10 @@ def search(
                     decoded = crop_to_region(whole, box, limits=settings.limits)[0]
                     facts = query_facts(decoded)
                 doc = result_to_json(searcher.search(decoded, k=k, thresholds=thresholds, filters=hit_filter))
+                if detector != "none" and searcher.embedder is not None:
+                    tier = detector_tier(searcher.store, searcher.embedder, searcher.face_detector, decoded,
+                                         name=detector)  # fmt: skip
+                    doc = with_detector(doc, tier)
                 doc["query"]["path"] = str(path)
                 if box is not None:
                     doc["query"]["region"] = box.to_json(whole)

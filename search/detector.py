@@ -606,6 +606,7 @@ def train_detector(
     if image_ids is not None:
         keep = set(image_ids)
         ts.ids = [i for i in ts.ids if i in keep]
+        ts.counts = {c: sum(1 for i in ts.ids if ts.collection[i] == c) for c in ts.counts}
     if features is None:
         feats = stored_features(
             settings, store, embedder, opts.views, ts.ids, face_detector=face_detector, progress=progress
@@ -680,6 +681,9 @@ def list_detectors(store: Store) -> list[DetectorRecord]:
         )
 
 
+_LOADED: dict[tuple[str, str, str], Detector] = {}  # by (name, SHA-256s): files read and checked once
+
+
 def load_detector(store: Store, name: str | None = None) -> Detector:
     """The detector ``name`` (default: the most recently trained), its files checked against the recorded
     SHA-256s. Raises ``DetectorNotFoundError`` / ``ModelUnavailableError``."""
@@ -698,6 +702,9 @@ def load_detector(store: Store, name: str | None = None) -> Detector:
             known = ", ".join(r.name for r in rows) or "none"
             raise DetectorNotFoundError(f"no detector named {name!r} (known: {known})")
         row = found[0]
+    cache_key = (row.name, row.config_sha256, row.weights_sha256)
+    if cache_key in _LOADED:
+        return _LOADED[cache_key]
     paths = {
         "configuration": (Path(row.config_path), row.config_sha256),
         "weights": (Path(row.weights_path), row.weights_sha256),
@@ -720,7 +727,8 @@ def load_detector(store: Store, name: str | None = None) -> Detector:
         raise ModelUnavailableError(f"detector {row.name!r}: unknown format {doc.get('format')!r}")
     tensors = load_tensors(blobs["weights"])
     models = {view: ViewModel.from_tensors(view, tensors, doc["views"][view]) for view in doc["views"]}
-    return Detector(name=row.name, doc=doc, models=models)
+    _LOADED[cache_key] = Detector(name=row.name, doc=doc, models=models)
+    return _LOADED[cache_key]
 
 
 def remove_detector(settings: Settings, store: Store, name: str) -> None:
@@ -816,3 +824,33 @@ def verdict_words(result: Mapping[str, Any]) -> str | None:
         f"A detector ({name}, {scope}) gives p(generated) {p:.2f} on {on}: it leans {call}; this is a "
         f"statistical call about images like its training data, not a match to a known source."
     )
+
+
+def detector_tier(
+    store: Store, embedder: Any, face_detector: Any | None, decoded: Any, *, name: str | None = None
+) -> dict[str, Any]:
+    """The detector tier of a search: ``{"detector": result}`` from the detector ``name`` (default: the newest
+    trained), or ``{"skipped": why}`` when there is none or it cannot run with the configured CLIP model."""
+    if name is None and not list_detectors(store):
+        return {"skipped": "no detector trained (sleuth detectors train)"}
+    try:
+        detector = load_detector(store, name)
+        check_embedder(detector, embedder)
+    except (NotFoundError, ModelUnavailableError) as exc:
+        if name is not None:
+            raise
+        return {"skipped": str(exc)}
+    result = detect_image(
+        detector, decoded.image, embedder, face_detector, store=store, sha256=decoded.sha256
+    )
+    return {"detector": result}
+
+
+def with_detector(doc: dict[str, Any], tier: Mapping[str, Any]) -> dict[str, Any]:
+    """A search document with the detector tier's result (or why it was skipped) added."""
+    if "detector" in tier:
+        doc["detector"] = tier["detector"]
+        doc.setdefault("tiers", []).append("detector")
+    else:
+        doc.setdefault("skipped_tiers", {})["detector"] = tier["skipped"]
+    return doc
