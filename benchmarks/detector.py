@@ -189,7 +189,7 @@ def _save_degraded(cache: Path, out: dict[int, Features], done: set[int]) -> Non
             np.stack([out[i][view][1] for i in ids]) if ids else np.zeros((0, 48), np.float32)
         )
     tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, cache)
 
 
