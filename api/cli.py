@@ -229,3 +229,8 @@ app.command("project")(project)
 from api.cli_models import pull as models_pull  # noqa: E402
 
 models_app.command("pull")(models_pull)
+
+from api.cli_detect import detect, detectors_app  # noqa: E402
+
+app.add_typer(detectors_app, name="detectors")
+app.command("detect")(detect)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -73,6 +73,17 @@ def settings_for(
     if face_model is not None:
         overrides["face_model"] = face_model
     return Settings(**overrides)
+
+
+def query_files(inputs: list[Path]) -> Iterator[Path]:
+    """Each input file, and each file under an input folder (recursive, stable order), in input order."""
+    for path in inputs:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        elif path.exists():
+            yield path
+        else:
+            raise SleuthError(f"no such file or folder: {path}")
 
 
 def handles_errors(fn: F) -> F:

@@ -28,23 +28,12 @@ from api.cli_options import (
     load_face_model,
     out,
     print_json,
+    query_files,
     settings_for,
 )
 from api.search_output import Sink, hit_row, with_verdict
 from indexer.errors import DecodeError, SleuthError
 from indexer.settings import Settings
-
-
-def _query_files(inputs: list[Path]) -> Iterator[Path]:
-    """Each input file, and each file under an input folder (recursive, stable order), in input order."""
-    for path in inputs:
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        elif path.exists():
-            yield path
-        else:
-            raise SleuthError(f"no such file or folder: {path}")
-
 
 WIDE_TABLE = 120  # columns from which the hits are a table (narrower: one block per hit)
 
@@ -155,6 +144,12 @@ def search(
         float | None, typer.Option(help="face identity distance (unit descriptors) for the same person")
     ] = None,
     verify_top: Annotated[int | None, typer.Option(min=0, help="candidates verified with RANSAC")] = None,
+    detector: Annotated[
+        str | None,
+        typer.Option(
+            "--detector", help="detector for the detector tier (default: the newest trained; none: off)"
+        ),
+    ] = None,
     fmt: FormatOpt = "table",
     out_file: OutOpt = None,
     clip_model: ClipOpt = None,
@@ -165,6 +160,7 @@ def search(
 ) -> None:
     """Search images, folders of images or a text: each query's verdict and its hits, in input order."""
     from indexer.decode import decode_image, read_capped
+    from search.detector import detector_tier, with_detector
     from search.hit_filters import HitFilter
     from search.query import Searcher, Thresholds, result_to_json
     from search.region import Region, crop_to_region
@@ -186,7 +182,7 @@ def search(
         same_person_max_distance=same_person_max_distance,
         verify_top=verify_top,
     )
-    queries = list(_query_files(images or []))
+    queries = list(query_files(images or []))
     if images and not queries and text is None:
         raise SleuthError(f"no image files in {', '.join(str(p) for p in images)}: nothing to search")
     searcher = Searcher.open(
@@ -221,6 +217,10 @@ def search(
                     decoded = crop_to_region(whole, box, limits=settings.limits)[0]
                     facts = query_facts(decoded)
                 doc = result_to_json(searcher.search(decoded, k=k, thresholds=thresholds, filters=hit_filter))
+                if detector != "none" and searcher.embedder is not None:
+                    tier = detector_tier(searcher.store, searcher.embedder, searcher.face_detector, decoded,
+                                         name=detector)  # fmt: skip
+                    doc = with_detector(doc, tier)
                 doc["query"]["path"] = str(path)
                 if box is not None:
                     doc["query"]["region"] = box.to_json(whole)

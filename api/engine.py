@@ -106,11 +106,16 @@ class Engine:
         self, decoded: DecodedImage, *, k: int | None = None, filters: HitFilter | None = None
     ) -> dict[str, object]:
         """Every search tier for ``decoded`` (``search.query``), as its JSON document."""
+        from search.detector import detector_tier, with_detector
+
         self.maybe_reload()
         searcher = self.searcher
-        return dict(
+        doc = dict(
             result_to_json(searcher.search(decoded, k=k or self.api_settings.search_k, filters=filters))
         )
+        if self.embedder is None:
+            return doc
+        return with_detector(doc, detector_tier(self.store, self.embedder, self.face_detector, decoded))
 
     def search_text(
         self, text: str, *, k: int | None = None, filters: HitFilter | None = None

@@ -123,6 +123,20 @@ class FaceOut(BaseModel):
     projections: list[ProjectionOut] = Field(default_factory=list)
 
 
+class DetectorOut(BaseModel):
+    """The detector tier's answer (``search.detector``): a statistical call about images like its training data,
+    kept apart from copy and projection evidence."""
+
+    model_config = ConfigDict(extra="allow")
+    detector: str | None = None
+    p_generated: float | None = Field(None, description="calibrated p(generated); None when it abstains")
+    scored_on: str | None = Field(None, description="face (the aligned face crop) or image (the whole image)")
+    abstained: bool = False
+    reason: str | None = Field(None, description="why it abstained")
+    views: dict[str, Any] = Field(default_factory=dict, description="per view: score, every method's score")
+    scope: str | None = Field(None, description="what it was trained on and what it measured")
+
+
 class Verdict(BaseModel):
     kind: Literal[
         "copy_of_generated",
@@ -157,6 +171,7 @@ class ProvenanceReport(BaseModel):
     faces: list[FaceOut] = Field(default_factory=list)
     refine: dict[str, Any] | None = Field(None, description="state of the projection tier, when asked for")
     refine_job: str | None = None
+    detector: DetectorOut | None = Field(None, description="the detector tier, when a detector is trained")
     reproducibility: Reproducibility
 
     def all_hits(self) -> list[HitOut]:
@@ -328,8 +343,20 @@ def _face_reasons(faces: list[FaceOut]) -> tuple[list[str], list[str]]:
     return strong, other
 
 
-def decide(hits: dict[str, list[HitOut]], faces: list[FaceOut]) -> Verdict:
-    """The verdict: rules over the evidence, strongest first; every rule that fires adds a reason."""
+def _detector_reason(detector: DetectorOut | None) -> str | None:
+    """The detector's finding in words that claim no more than it measured (``search.detector.verdict_words``)."""
+    if detector is None:
+        return None
+    from search.detector import verdict_words
+
+    return verdict_words(detector.model_dump())
+
+
+def decide(
+    hits: dict[str, list[HitOut]], faces: list[FaceOut], detector: DetectorOut | None = None
+) -> Verdict:
+    """The verdict: rules over the evidence, strongest first; every rule that fires adds a reason. The detector's
+    call is a reason of its own, after the copy and projection evidence, and never changes the verdict's kind."""
     copies: list[tuple[str, str]] = []  # (kind, sentence)
     for cls, words in (("exact", "Exact copy of"), ("near_duplicate", "Near-duplicate of")):
         for hit in hits.get(cls, [])[:3]:
@@ -352,6 +379,15 @@ def decide(hits: dict[str, list[HitOut]], faces: list[FaceOut]) -> Verdict:
     else:
         kind = "no_match"
         summary = " ".join(["No match: nothing in the index resembles this image.", *other_faces[:1]])
+    detected = _detector_reason(detector)
+    if detected and kind in ("no_match", "similar_only"):
+        summary = (
+            f"{summary} {detected}" if kind == "similar_only" else f"No copy found in the index. {detected}"
+        )
+    if not reasons and detected:
+        reasons = ["No exact, near-duplicate or similar image was found in the index."]
+    if detected:
+        reasons.append(detected)
     if not reasons:
         reasons = ["No exact, near-duplicate or similar image was found in the index."]
     return Verdict(kind=kind, summary=summary, reasons=reasons)  # type: ignore[arg-type]
@@ -406,10 +442,13 @@ def build_report(
     timings = {k: float(v) for k, v in (result.get("timings_ms") or {}).items() if isinstance(v, int | float)}
     timings.update(extra_timings_ms or {})
     refine = result.get("refine") if isinstance(result.get("refine"), Mapping) else None
+    raw_detector = result.get("detector")
+    detector = DetectorOut(**raw_detector) if isinstance(raw_detector, Mapping) else None
     return ProvenanceReport(
         report_id=report_id, created_at=created_at or dt.datetime.now(dt.UTC).isoformat(),
         status=status,  # type: ignore[arg-type]
-        query=query, verdict=decide(hits, faces), hits=hits, faces=faces, refine=refine, refine_job=refine_job,
+        query=query, verdict=decide(hits, faces, detector), hits=hits, faces=faces, refine=refine,
+        refine_job=refine_job, detector=detector,
         reproducibility=Reproducibility(
             code_version=code_version(), searcher=searcher, tiers=list(result.get("tiers") or []),
             skipped_tiers=dict(result.get("skipped_tiers") or {}), models=dict(result.get("models") or {}),

@@ -178,3 +178,33 @@ class IndexBuild(Base):
     factory: Mapped[str] = mapped_column(String(200))
     count: Mapped[int] = mapped_column(Integer)
     built_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class DetectorRecord(Base):
+    """A trained detector (``search.detector``): its JSON and safetensors files with their SHA-256s."""
+
+    __tablename__ = "detectors"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    method: Mapped[str] = mapped_column(String(32))
+    embedder_key: Mapped[str] = mapped_column(String(64))
+    config_path: Mapped[str] = mapped_column(Text)
+    config_sha256: Mapped[str] = mapped_column(String(64))
+    weights_path: Mapped[str] = mapped_column(Text)
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    summary: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class DetectorFeature(Base):
+    """A cached feature of a detector view of an image (keyed by view, feature, model and view config);
+    an empty vector records that the image has no such view (no face)."""
+
+    __tablename__ = "detector_features"
+    __table_args__ = (UniqueConstraint("image_id", "feature_key", name="uq_detector_feature"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    feature_key: Mapped[str] = mapped_column(String(64), index=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
