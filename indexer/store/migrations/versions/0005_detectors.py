@@ -2,7 +2,7 @@
 features of the detector's normalised views)
 
 Revision ID: 0005_detectors
-Revises: 0003
+Revises: 0004_hardening
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005_detectors"
-down_revision = "0003"
+down_revision = "0004_hardening"
 branch_labels = None
 depends_on = None
 
