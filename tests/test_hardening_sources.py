@@ -133,7 +133,9 @@ def test_a_fifo_in_the_roots_never_blocks_the_request_or_the_job(tmp_path: Path,
     assert summary.failure_reasons == {"not_regular": 1}, summary  # type: ignore[attr-defined]
     os.mkfifo(root / "source.csv")
     fifos.append(root / "source.csv")
-    with pytest.raises(SourceError, match="not a regular file"):  # a FIFO as the source itself: refused at once
+    with pytest.raises(
+        SourceError, match="not a regular file"
+    ):  # a FIFO as the source itself: refused at once
         _finishes(lambda: resolve_ingest_source(str(root / "source.csv"), [root]))
 
 
