@@ -171,6 +171,10 @@ def _resolve(source: str | Path) -> tuple[str, Path, list[Path]]:
         if name.endswith(SHARD_SUFFIXES):
             return "shards", path.parent, [path]
         raise SourceError(f"{path}: not a folder, a manifest ({', '.join(MANIFEST_SUFFIXES)}) or a tar shard")
+    if path.exists():  # a FIFO, socket or device: never opened
+        raise NotRegularFileError(
+            f"{source}: not a regular file or a folder (a FIFO, socket or device); not read"
+        )
     raise SourceError(f"{source}: no such file or folder")
 
 

@@ -131,6 +131,12 @@ def test_a_fifo_in_the_roots_never_blocks_the_request_or_the_job(tmp_path: Path,
     summary = _finishes(lambda: ingest(source, collection="c", settings=settings, roots=[root]))  # type: ignore[arg-type]
     assert summary.new == 2  # type: ignore[attr-defined]
     assert summary.failure_reasons == {"not_regular": 1}, summary  # type: ignore[attr-defined]
+    os.mkfifo(root / "source.csv")
+    fifos.append(root / "source.csv")
+    with pytest.raises(
+        SourceError, match="not a regular file"
+    ):  # a FIFO as the source itself: refused at once
+        _finishes(lambda: resolve_ingest_source(str(root / "source.csv"), [root]))
 
 
 def test_reads_have_a_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
