@@ -56,8 +56,8 @@ def train(
     real: CollectionsOpt,
     method: Annotated[
         Literal["auto", "probe", "knn", "spectrum", "ensemble"],
-        typer.Option(help="auto: the method with the best AUC on held-out sources"),
-    ] = "auto",
+        typer.Option(help="the deciding method; auto: the one with the best AUC on held-out sources"),
+    ] = "probe",
     calibration: Annotated[Literal["platt", "isotonic"], typer.Option(help="how scores become p")] = "platt",
     k: Annotated[int, typer.Option(min=1, max=100, help="neighbours of the kNN vote")] = 10,
     clahe: Annotated[bool, typer.Option("--clahe", help="CLAHE (L of LAB) on the face crop")] = False,
