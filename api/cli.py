@@ -19,9 +19,12 @@ from rich.table import Table
 from api.cli_options import (
     ClipOpt,
     DataDirOpt,
+    EngineOpt,
     FaceDetectorOpt,
     FaceModelOpt,
     JsonOpt,
+    RayAddressOpt,
+    WorkersOpt,
     handles_errors,
     load_clip,
     load_face_detector,
@@ -87,19 +90,36 @@ def ingest(
     face_detector: FaceDetectorOpt = None,
     face_model: FaceModelOpt = None,
     data_dir: DataDirOpt = None,
+    engine: EngineOpt = None,
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = 2,
     as_json: JsonOpt = False,
 ) -> None:
-    """Ingest a crawled image set: resumable, idempotent, bad files skipped and recorded."""
-    from indexer.ingest import ingest as run_ingest
+    """Ingest a crawled image set: resumable, idempotent, bad files skipped and recorded.
 
+    With --engine processes|ray the describe step (decode, hashes, CLIP, faces) runs on --workers workers that
+    load the models once each (local processes, or Ray actors on --ray-address); one writer keeps every
+    guarantee of the plain ingest."""
     settings = settings_for(data_dir, clip_model, face_detector=face_detector, face_model=face_model)
-    embedder = load_clip(settings)
-    detector = load_face_detector(settings)
-    summary = run_ingest(
-        source, collection=collection, settings=settings, label=label, generator=generator,
-        embedder=embedder, face_detector=detector, face_model=load_face_model(settings),
-        progress=not as_json and sys.stderr.isatty(),
-    )  # fmt: skip
+    progress = not as_json and sys.stderr.isatty()
+    if engine is None and ray_address is not None:
+        raise typer.BadParameter("--ray-address needs --engine ray", param_hint="--ray-address")
+    if engine is not None:
+        from indexer.ingest_distributed import ingest_distributed
+
+        summary = ingest_distributed(
+            source, engine=engine.value, collection=collection, settings=settings, workers=workers,
+            ray_address=ray_address, label=label, generator=generator, progress=progress,
+        )  # fmt: skip
+    else:
+        from indexer.ingest import ingest as run_ingest
+
+        embedder = load_clip(settings)
+        detector = load_face_detector(settings)
+        summary = run_ingest(
+            source, collection=collection, settings=settings, label=label, generator=generator,
+            embedder=embedder, face_detector=detector, face_model=load_face_model(settings), progress=progress,
+        )  # fmt: skip
     if as_json:
         doc = asdict(summary)
         doc["images_per_s"] = summary.images_per_s
