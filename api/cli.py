@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -194,6 +195,77 @@ def index_rebuild(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None
     else:
         for r in results:
             out.print(f"{r.name}: {r.count} vectors (build {r.build_id})")
+
+
+@index_app.command("build")
+@handles_errors
+def index_build(
+    approx: Annotated[
+        bool,
+        typer.Option(
+            "--approx",
+            help="every float index as an on-disk IVF-PQ build with re-ranking (billion-scale layout)",
+        ),
+    ] = False,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build every index from the SQL rows (holds the write lock); with --approx, float indexes on disk."""
+    from indexer.index_sync import rebuild_all
+    from indexer.store.db import open_store
+    from indexer.write_lock import write_lock
+
+    settings = settings_for(data_dir)
+    store = open_store(settings)
+    with write_lock(settings.data_dir, purpose="index build"):
+        results = rebuild_all(
+            store, settings.index_dir, threshold=settings.approx_index_threshold, ondisk=approx,
+            ondisk_threshold=settings.ondisk_index_threshold,
+        )  # fmt: skip
+    if as_json:
+        print_json({"built": [asdict(r) for r in results]})
+    else:
+        for r in results:
+            out.print(f"{r.name}: {r.count} vectors (build {r.build_id})")
+
+
+@models_app.command("quantize")
+@handles_errors
+def models_quantize(
+    model: Annotated[str, typer.Argument(help="an ONNX CLIP model: onnx:PATH")],
+    check: Annotated[
+        Path, typer.Option("--check", exists=True, help="images (a folder) to compare INT8 with FP32 on")
+    ],
+    limit: Annotated[int, typer.Option(min=1, help="at most this many check images")] = 64,
+    min_cosine: Annotated[float, typer.Option(help="refuse the INT8 model below this cosine")] = 0.98,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write an INT8 variant of an ONNX CLIP model (dynamic quantization), kept only if it agrees with FP32."""
+    from indexer.decode import decode_image
+    from indexer.errors import DecodeError
+    from indexer.quantize import quantize_onnx
+    from indexer.sources import iter_source
+
+    images = []
+    for item in iter_source(check):
+        try:
+            images.append(decode_image(item.read()).image)
+        except DecodeError:
+            continue
+        if len(images) >= limit:
+            break
+    result = quantize_onnx(model, check_images=images, min_cosine=min_cosine)
+    if as_json:
+        print_json(asdict(result))
+    else:
+        verdict = "kept" if result.kept else f"refused (below {min_cosine}) and removed"
+        out.print(
+            f"{result.model_id}: {result.int8_bytes / 1e6:.0f} MB (FP32 {result.fp32_bytes / 1e6:.0f} MB); "
+            f"cosine to FP32 on {result.images} images: min {result.min_cosine:.4f}, mean "
+            f"{result.mean_cosine:.4f}: {verdict}"
+        )
+    if not result.kept:
+        raise typer.Exit(1)
 
 
 @models_app.command("list")

@@ -516,7 +516,9 @@ def ingest_with(
                         face_embedder.weights_sha256,
                     )
                 )
-            sync_all(store, index_dir, threshold=threshold)  # repair what an interrupted run left behind
+            sync_all(
+                store, index_dir, threshold=threshold, ondisk_threshold=settings.ondisk_index_threshold
+            )  # repair what an interrupted run left behind
             collections = _Collections(store, collection)
             with store.session() as s:
                 run = IngestRun(source=str(source), collection_id=collections.default_id)
@@ -533,7 +535,10 @@ def ingest_with(
                 _run_batches(settings, source, collections, writer, summary, progress, stage, on_batch, store)
                 collections.drop_unused_default(summary.run_id)
                 summary.collections = collections.names
-                summary.indexes = sync_all(store, index_dir, threshold=threshold, extra_specs=extra_specs)
+                summary.indexes = sync_all(
+                    store, index_dir, threshold=threshold, extra_specs=extra_specs,
+                    ondisk_threshold=settings.ondisk_index_threshold,
+                )  # fmt: skip
                 status = "done"
             finally:
                 summary.seconds = time.perf_counter() - started
@@ -599,6 +604,9 @@ def _run_batches(
         if on_batch:
             on_batch(summary)
         if time.monotonic() - last_sync > SYNC_EVERY_S:
-            sync_all(store, settings.index_dir, threshold=settings.approx_index_threshold)
+            sync_all(
+                store, settings.index_dir, threshold=settings.approx_index_threshold,
+                ondisk_threshold=settings.ondisk_index_threshold,
+            )  # fmt: skip
             last_sync = time.monotonic()
     bar.close()
