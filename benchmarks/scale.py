@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -159,7 +160,7 @@ def run_vectors(args: argparse.Namespace) -> dict[str, object]:
 
 
 # --- 2. int8 -----------------------------------------------------------------------------------------------
-def _edited(image: object, seed: int) -> object:
+def _edited(image: Any, seed: int) -> Any:
     """A modified copy: a 75-90 % crop, resized, JPEG q=40 (the copy-detection tier's bread and butter)."""
     import io
 
