@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -218,7 +219,7 @@ def build_ondisk_index(
 
     ids = _sql_ids(store, spec) if ids is None else ids
     factory = ondisk_factory(len(ids), spec.dim)
-    nlist = int(factory.split(",IVF")[1].split("_")[0])
+    nlist = int(re.search(r"IVF(\d+)", factory).group(1))  # type: ignore[union-attr]  # ondisk_factory's IVF
     size = min(len(ids), max(100_000, 40 * nlist), 1_000_000)
     sample_ids = np.sort(np.random.default_rng(0).choice(ids, size=size, replace=False))
     sample = _fetch(store, spec, sample_ids)[1]

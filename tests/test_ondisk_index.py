@@ -62,7 +62,11 @@ def test_ondisk_index_returns_the_flat_indexs_top_hits(tmp_path: Path, refine: s
     assert np.array_equal(own[:, 0], ids[:20])
 
 
-def test_sync_builds_on_disk_past_the_threshold_and_verify_and_search_agree(tmp_path: Path) -> None:
+def test_sync_builds_on_disk_past_the_threshold_and_verify_and_search_agree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the size-chosen factory's OPQ training takes minutes on a loaded CI core: a small IVF-PQ here
+    monkeypatch.setattr("indexer.ondisk_index.ondisk_factory", lambda n, dim: "IVF16_HNSW32,PQ8x8")
     settings = Settings(data_dir=tmp_path / "data")
     store = open_store(settings)
     x = _clustered(1200)
