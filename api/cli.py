@@ -178,25 +178,6 @@ def index_verify(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
         raise typer.Exit(1)
 
 
-@index_app.command("rebuild")
-@handles_errors
-def index_rebuild(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
-    """Rebuild every index from the SQL rows (holds the write lock)."""
-    from indexer.index_sync import rebuild_all
-    from indexer.store.db import open_store
-    from indexer.write_lock import write_lock
-
-    settings = settings_for(data_dir)
-    store = open_store(settings)
-    with write_lock(settings.data_dir, purpose="index rebuild"):
-        results = rebuild_all(store, settings.index_dir, threshold=settings.approx_index_threshold)
-    if as_json:
-        print_json({"rebuilt": [asdict(r) for r in results]})
-    else:
-        for r in results:
-            out.print(f"{r.name}: {r.count} vectors (build {r.build_id})")
-
-
 @index_app.command("build")
 @handles_errors
 def index_build(
@@ -211,19 +192,30 @@ def index_build(
     as_json: JsonOpt = False,
 ) -> None:
     """Build every index from the SQL rows (holds the write lock); with --approx, float indexes on disk."""
+    _rebuild(data_dir, as_json, ondisk=approx)
+
+
+@index_app.command("rebuild")
+@handles_errors
+def index_rebuild(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
+    """Rebuild every index from the SQL rows (holds the write lock)."""
+    _rebuild(data_dir, as_json, ondisk=False)
+
+
+def _rebuild(data_dir: Path | None, as_json: bool, *, ondisk: bool) -> None:
     from indexer.index_sync import rebuild_all
     from indexer.store.db import open_store
     from indexer.write_lock import write_lock
 
     settings = settings_for(data_dir)
     store = open_store(settings)
-    with write_lock(settings.data_dir, purpose="index build"):
+    with write_lock(settings.data_dir, purpose="index rebuild"):
         results = rebuild_all(
-            store, settings.index_dir, threshold=settings.approx_index_threshold, ondisk=approx,
+            store, settings.index_dir, threshold=settings.approx_index_threshold, ondisk=ondisk,
             ondisk_threshold=settings.ondisk_index_threshold,
         )  # fmt: skip
     if as_json:
-        print_json({"built": [asdict(r) for r in results]})
+        print_json({"rebuilt": [asdict(r) for r in results]})
     else:
         for r in results:
             out.print(f"{r.name}: {r.count} vectors (build {r.build_id})")
