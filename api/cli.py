@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,9 +20,12 @@ from rich.table import Table
 from api.cli_options import (
     ClipOpt,
     DataDirOpt,
+    EngineOpt,
     FaceDetectorOpt,
     FaceModelOpt,
     JsonOpt,
+    RayAddressOpt,
+    WorkersOpt,
     handles_errors,
     load_clip,
     load_face_detector,
@@ -87,19 +91,36 @@ def ingest(
     face_detector: FaceDetectorOpt = None,
     face_model: FaceModelOpt = None,
     data_dir: DataDirOpt = None,
+    engine: EngineOpt = None,
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = 2,
     as_json: JsonOpt = False,
 ) -> None:
-    """Ingest a crawled image set: resumable, idempotent, bad files skipped and recorded."""
-    from indexer.ingest import ingest as run_ingest
+    """Ingest a crawled image set: resumable, idempotent, bad files skipped and recorded.
 
+    With --engine processes|ray the describe step (decode, hashes, CLIP, faces) runs on --workers workers that
+    load the models once each (local processes, or Ray actors on --ray-address); one writer keeps every
+    guarantee of the plain ingest."""
     settings = settings_for(data_dir, clip_model, face_detector=face_detector, face_model=face_model)
-    embedder = load_clip(settings)
-    detector = load_face_detector(settings)
-    summary = run_ingest(
-        source, collection=collection, settings=settings, label=label, generator=generator,
-        embedder=embedder, face_detector=detector, face_model=load_face_model(settings),
-        progress=not as_json and sys.stderr.isatty(),
-    )  # fmt: skip
+    progress = not as_json and sys.stderr.isatty()
+    if engine is None and ray_address is not None:
+        raise typer.BadParameter("--ray-address needs --engine ray", param_hint="--ray-address")
+    if engine is not None:
+        from indexer.ingest_distributed import ingest_distributed
+
+        summary = ingest_distributed(
+            source, engine=engine.value, collection=collection, settings=settings, workers=workers,
+            ray_address=ray_address, label=label, generator=generator, progress=progress,
+        )  # fmt: skip
+    else:
+        from indexer.ingest import ingest as run_ingest
+
+        embedder = load_clip(settings)
+        detector = load_face_detector(settings)
+        summary = run_ingest(
+            source, collection=collection, settings=settings, label=label, generator=generator,
+            embedder=embedder, face_detector=detector, face_model=load_face_model(settings), progress=progress,
+        )  # fmt: skip
     if as_json:
         doc = asdict(summary)
         doc["images_per_s"] = summary.images_per_s
@@ -157,10 +178,31 @@ def index_verify(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
         raise typer.Exit(1)
 
 
+@index_app.command("build")
+@handles_errors
+def index_build(
+    approx: Annotated[
+        bool,
+        typer.Option(
+            "--approx",
+            help="every float index as an on-disk IVF-PQ build with re-ranking (billion-scale layout)",
+        ),
+    ] = False,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build every index from the SQL rows (holds the write lock); with --approx, float indexes on disk."""
+    _rebuild(data_dir, as_json, ondisk=approx)
+
+
 @index_app.command("rebuild")
 @handles_errors
 def index_rebuild(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     """Rebuild every index from the SQL rows (holds the write lock)."""
+    _rebuild(data_dir, as_json, ondisk=False)
+
+
+def _rebuild(data_dir: Path | None, as_json: bool, *, ondisk: bool) -> None:
     from indexer.index_sync import rebuild_all
     from indexer.store.db import open_store
     from indexer.write_lock import write_lock
@@ -168,12 +210,54 @@ def index_rebuild(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None
     settings = settings_for(data_dir)
     store = open_store(settings)
     with write_lock(settings.data_dir, purpose="index rebuild"):
-        results = rebuild_all(store, settings.index_dir, threshold=settings.approx_index_threshold)
+        results = rebuild_all(
+            store, settings.index_dir, threshold=settings.approx_index_threshold, ondisk=ondisk,
+            ondisk_threshold=settings.ondisk_index_threshold,
+        )  # fmt: skip
     if as_json:
         print_json({"rebuilt": [asdict(r) for r in results]})
     else:
         for r in results:
             out.print(f"{r.name}: {r.count} vectors (build {r.build_id})")
+
+
+@models_app.command("quantize")
+@handles_errors
+def models_quantize(
+    model: Annotated[str, typer.Argument(help="an ONNX CLIP model: onnx:PATH")],
+    check: Annotated[
+        Path, typer.Option("--check", exists=True, help="images (a folder) to compare INT8 with FP32 on")
+    ],
+    limit: Annotated[int, typer.Option(min=1, help="at most this many check images")] = 64,
+    min_cosine: Annotated[float, typer.Option(help="refuse the INT8 model below this cosine")] = 0.98,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write an INT8 variant of an ONNX CLIP model (dynamic quantization), kept only if it agrees with FP32."""
+    from indexer.decode import decode_image
+    from indexer.errors import DecodeError
+    from indexer.quantize import quantize_onnx
+    from indexer.sources import iter_source
+
+    images = []
+    for item in iter_source(check):
+        try:
+            images.append(decode_image(item.read()).image)
+        except DecodeError:
+            continue
+        if len(images) >= limit:
+            break
+    result = quantize_onnx(model, check_images=images, min_cosine=min_cosine)
+    if as_json:
+        print_json(asdict(result))
+    else:
+        verdict = "kept" if result.kept else f"refused (below {min_cosine}) and removed"
+        out.print(
+            f"{result.model_id}: {result.int8_bytes / 1e6:.0f} MB (FP32 {result.fp32_bytes / 1e6:.0f} MB); "
+            f"cosine to FP32 on {result.images} images: min {result.min_cosine:.4f}, mean "
+            f"{result.mean_cosine:.4f}: {verdict}"
+        )
+    if not result.kept:
+        raise typer.Exit(1)
 
 
 @models_app.command("list")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -47,6 +48,29 @@ FaceModelOpt = Annotated[
         "--face-model", help="face identity model id (overrides SLEUTH_FACE_MODEL), e.g. dlib:resnet-v1"
     ),
 ]
+
+
+class Engine(StrEnum):
+    """Where ``sleuth ingest --engine`` runs the describe step."""
+
+    processes = "processes"
+    ray = "ray"
+
+
+EngineOpt = Annotated[
+    Engine | None,
+    typer.Option(
+        "--engine",
+        help="describe on a worker pool: local processes, or Ray actors (pip install 'sleuth[ray]')",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address", help="a running Ray cluster (ray://HOST:10001 or HOST:6379); default: local"
+    ),
+]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="describe workers (with --engine)")]
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="torch device (overrides SLEUTH_DEVICE): cpu, cuda, cuda:1")
 ]

@@ -6,9 +6,11 @@ every index back to exactly what a clean run would have produced.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from indexer.vector_index import (
 
 log = logging.getLogger(__name__)
 CHUNK = 20_000
+ONDISK_THRESHOLD = 20_000_000  # past this many vectors a float index is built on disk (Settings overrides)
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,6 @@ def specs_in_store(store: Store, index_dir: Path) -> list[IndexSpec]:
 
 
 def _saved_info(index_dir: Path, name: str) -> IndexInfo | None:
-    import json
-
     path = index_dir / f"{name}.json"
     return IndexInfo(**json.loads(path.read_text())) if path.exists() else None
 
@@ -205,12 +206,62 @@ def build_index(store: Store, spec: IndexSpec, *, threshold: int, ids: np.ndarra
     return index
 
 
-def sync_index(store: Store, spec: IndexSpec, index_dir: Path, *, threshold: int) -> SyncResult:
-    """Make the saved index of ``spec`` hold exactly the SQL rows' vectors; save it only if it changed."""
+def build_ondisk_index(
+    store: Store,
+    spec: IndexSpec,
+    index_dir: Path,
+    *,
+    ids: np.ndarray | None = None,
+    refine: str | None = "SQ8",
+) -> Any:
+    """An on-disk IVF-PQ build (``indexer.ondisk_index``) of every SQL row of ``spec``, read in chunks."""
+    from indexer.ondisk_index import ONDISK_PREFIX, build_ondisk, ondisk_factory
+
+    ids = _sql_ids(store, spec) if ids is None else ids
+    factory = ondisk_factory(len(ids), spec.dim)
+    nlist = int(re.search(r"IVF(\d+)", factory).group(1))  # type: ignore[union-attr]  # ondisk_factory's IVF
+    size = min(len(ids), max(100_000, 40 * nlist), 1_000_000)
+    sample_ids = np.sort(np.random.default_rng(0).choice(ids, size=size, replace=False))
+    sample = _fetch(store, spec, sample_ids)[1]
+
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, len(ids), CHUNK):
+            yield _fetch(store, spec, ids[start : start + CHUNK])
+
+    info = IndexInfo(
+        spec.name, spec.kind, spec.dim, ONDISK_PREFIX + factory, 0, spec.model_id, spec.weights_sha256
+    )
+    index = build_ondisk(index_dir, info, chunks, sample=sample, refine=refine)
+    index.info.build_id = _record_build(store, index)
+    index_dir.joinpath(f"{spec.name}.json").write_text(json.dumps(asdict(index.info), indent=1))
+    return index
+
+
+def sync_index(
+    store: Store,
+    spec: IndexSpec,
+    index_dir: Path,
+    *,
+    threshold: int,
+    ondisk_threshold: int = ONDISK_THRESHOLD,
+) -> SyncResult:
+    """Make the saved index of ``spec`` hold exactly the SQL rows' vectors; save it only if it changed.
+
+    Past ``ondisk_threshold`` (or once built on disk by ``sleuth index build --approx``) a float index is an
+    on-disk build; a change of its rows rebuilds it (shard by shard, memory bounded)."""
     result = SyncResult(spec.name)
     sql_ids = _sql_ids(store, spec)
     index = load_index(index_dir, spec.name)
     needs_approx = spec.kind == "float" and len(sql_ids) > threshold
+    ondisk = index is not None and index.info.factory.startswith("ondisk:")
+    if spec.kind == "float" and (ondisk or len(sql_ids) > ondisk_threshold):
+        if ondisk and index is not None and np.array_equal(index.ids(), sql_ids):
+            result.count, result.build_id = index.ntotal, index.info.build_id
+            return result
+        built = build_ondisk_index(store, spec, index_dir, ids=sql_ids)
+        return SyncResult(
+            spec.name, added=built.ntotal, rebuilt=True, count=built.ntotal, build_id=built.info.build_id
+        )
     if index is None or (needs_approx and index.info.factory == FLAT_FACTORY):
         index = build_index(store, spec, threshold=threshold, ids=sql_ids)
         result.rebuilt, result.added = True, index.ntotal
@@ -235,13 +286,21 @@ def sync_index(store: Store, spec: IndexSpec, index_dir: Path, *, threshold: int
 
 
 def sync_all(
-    store: Store, index_dir: Path, *, threshold: int, extra_specs: list[IndexSpec] | None = None
+    store: Store,
+    index_dir: Path,
+    *,
+    threshold: int,
+    extra_specs: list[IndexSpec] | None = None,
+    ondisk_threshold: int = ONDISK_THRESHOLD,
 ) -> list[SyncResult]:
     """Sync every index the store calls for (plus ``extra_specs``, which carry model ids for new indexes)."""
     by_name = {s.name: s for s in specs_in_store(store, index_dir)}
     for spec in extra_specs or []:
         by_name[spec.name] = spec
-    return [sync_index(store, spec, index_dir, threshold=threshold) for spec in by_name.values()]
+    return [
+        sync_index(store, spec, index_dir, threshold=threshold, ondisk_threshold=ondisk_threshold)
+        for spec in by_name.values()
+    ]
 
 
 @dataclass
@@ -300,19 +359,52 @@ def _sample_matches(store: Store, spec: IndexSpec, index: AnyIndex, sql_ids: np.
     if spec.kind == "binary":
         dist, found = index.search(vecs, 1)
         return bool(np.all(dist[:, 0] == 0))
+    if index.info.factory.startswith("ondisk:"):  # its re-ranking store holds the vectors by id
+        from indexer.ondisk_index import OnDiskIndex
+
+        assert isinstance(index, OnDiskIndex)
+        if not index.refine:
+            return True
+        flat = index.refine == "Flat"
+        return bool(np.allclose(index.vectors_of(ids), vecs, atol=1e-5 if flat else 2e-2))
     reconstructed = np.stack([index.index.reconstruct(int(i)) for i in ids])
     return bool(np.allclose(reconstructed, vecs, atol=1e-5 if index.info.factory[-4:] == "Flat" else 2e-2))
 
 
 def rebuild_all(
-    store: Store, index_dir: Path, *, threshold: int, progress: Callable[[str], None] | None = None
+    store: Store,
+    index_dir: Path,
+    *,
+    threshold: int,
+    progress: Callable[[str], None] | None = None,
+    ondisk: bool = False,
+    ondisk_threshold: int = ONDISK_THRESHOLD,
 ) -> list[SyncResult]:
-    """Rebuild every index from the SQL rows, replacing the files atomically."""
+    """Rebuild every index from the SQL rows, replacing the files atomically. ``ondisk``: every float index as
+    an on-disk IVF-PQ build (``sleuth index build --approx``); one already on disk, or past
+    ``ondisk_threshold``, is rebuilt on disk anyway."""
     results = []
     for spec in specs_in_store(store, index_dir):
         if progress:
             progress(spec.name)
         info = _saved_info(index_dir, spec.name)
+        was_ondisk = info is not None and info.factory.startswith("ondisk:")
+        if spec.kind == "float" and (ondisk or was_ondisk or sql_count(store, spec) > ondisk_threshold):
+            if info:
+                spec = IndexSpec(
+                    **{**spec.__dict__, "model_id": info.model_id, "weights_sha256": info.weights_sha256}
+                )
+            built = build_ondisk_index(store, spec, index_dir)
+            results.append(
+                SyncResult(
+                    spec.name,
+                    added=built.ntotal,
+                    rebuilt=True,
+                    count=built.ntotal,
+                    build_id=built.info.build_id,
+                )
+            )
+            continue
         index = build_index(store, spec, threshold=threshold)
         if info:
             index.info.model_id, index.info.weights_sha256 = info.model_id, info.weights_sha256

@@ -9,7 +9,6 @@ and at the end. One writer per data directory (``write_lock``); a second one is 
 from __future__ import annotations
 
 import datetime as dt
-import io
 import logging
 import os
 import tempfile
@@ -18,17 +17,26 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from PIL import Image as PILImage
 from sqlalchemy import select
 from tqdm import tqdm
 
-from indexer.decode import DecodedImage, decode_image
-from indexer.errors import DecodeError, SleuthError, SourceError
-from indexer.hashes import PerceptualHashes, compute_hashes
+from indexer.decode import DecodedImage
+from indexer.describe import (
+    THUMB_SIDE,
+    Described,
+    ModelIdentity,
+    describe_read,
+    embed_into,
+    faces_into,
+    thumbnail_jpeg,
+)
+from indexer.errors import SourceError
 from indexer.index_sync import SyncResult, clip_spec, face_spec, sync_all
 from indexer.names import clean_name
 from indexer.settings import Settings
@@ -53,12 +61,11 @@ if TYPE_CHECKING:
     from indexer.embedders import ImageEmbedder
     from indexer.face_identity import FaceEmbedder
     from indexer.faces import FaceDetector
-    from indexer.mtcnn import DetectedFace
 
 log = logging.getLogger(__name__)
 
-THUMB_SIDE = 512
 SYNC_EVERY_S = 300.0
+__all__ = ["THUMB_SIDE", "IngestSummary", "ingest", "ingest_with", "thumbnail_path", "write_thumbnail"]
 
 
 def thumbnail_path(settings: Settings, sha256: str) -> Path:
@@ -70,14 +77,18 @@ def write_thumbnail(settings: Settings, decoded: DecodedImage) -> Path:
     path = thumbnail_path(settings, decoded.sha256)
     if path.exists():
         return path
-    thumb = decoded.image.copy()
-    thumb.thumbnail((THUMB_SIDE, THUMB_SIDE), PILImage.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    thumb.save(buf, format="JPEG", quality=90)
+    return store_thumbnail(settings, decoded.sha256, thumbnail_jpeg(decoded.image))
+
+
+def store_thumbnail(settings: Settings, sha256: str, jpeg: bytes) -> Path:
+    """Write a thumbnail atomically under its content address (once: an existing one is kept)."""
+    path = thumbnail_path(settings, sha256)
+    if path.exists():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "wb") as fh:
-        fh.write(buf.getvalue())
+        fh.write(jpeg)
     os.replace(tmp, path)
     return path
 
@@ -114,34 +125,21 @@ class IngestSummary:
         )
 
 
-@dataclass
-class _Prepared:
-    item: SourceItem
-    decoded: DecodedImage | None = None
-    hashes: PerceptualHashes | None = None
-    error: SleuthError | None = None
-
-    @property
-    def nbytes(self) -> int:
-        """The decoded pixels this item holds until its batch is written."""
-        if self.decoded is None:
-            return 0
-        width, height = self.decoded.image.size
-        return width * height * 3
+Prepared = tuple[SourceItem, Described]  # an item with its description, as the writer takes them
 
 
-def _prepare(settings: Settings, item: SourceItem) -> _Prepared:
-    """Read, decode, hash and thumbnail one item (runs in worker threads)."""
-    try:
-        data = item.read()
-        decoded = decode_image(data, limits=settings.limits)
-        hashes = compute_hashes(decoded.image)
-        write_thumbnail(settings, decoded)
-        return _Prepared(item, decoded, hashes)
-    except (DecodeError, SourceError) as exc:
-        return _Prepared(item, error=exc)
-    except OSError as exc:
-        return _Prepared(item, error=SourceError(f"cannot read {item.key}: {exc}"))
+def _prepare(settings: Settings, item: SourceItem) -> Described:
+    """Read, decode, hash and thumbnail one item (runs in the plain runner's threads)."""
+    return describe_read(
+        item.key, item.read, limits=settings.limits,
+        has_thumbnail=lambda sha: thumbnail_path(settings, sha).exists(),
+    )  # fmt: skip
+
+
+def _batched(items: Iterable[SourceItem], n: int) -> Iterator[list[SourceItem]]:
+    it = iter(items)
+    while batch := list(islice(it, n)):
+        yield batch
 
 
 def _validate_label(label: str | None) -> str | None:
@@ -227,7 +225,11 @@ def _done_keys(store: Store, collection_id: int) -> set[str]:
 
 
 class _Writer:
-    """Turns prepared items into rows: one transaction per batch."""
+    """Turns described items into rows: one transaction per batch.
+
+    The model outputs an item lacks (the plain runner describes pixels only) are computed here, for the images
+    that need them; items described by a parallel runner's workers arrive with theirs, and ``embedder`` and
+    ``face_embedder`` may then be only the ``ModelIdentity`` of models that run in the workers."""
 
     def __init__(
         self,
@@ -236,20 +238,25 @@ class _Writer:
         *,
         label: str | None,
         generator: str | None,
-        embedder: ImageEmbedder | None,
+        embedder: ImageEmbedder | ModelIdentity | None,
         face_detector: FaceDetector | None,
-        face_embedder: FaceEmbedder | None,
+        face_embedder: FaceEmbedder | ModelIdentity | None,
         summary: IngestSummary,
+        settings: Settings,
     ) -> None:
         self.store, self.collections = store, collections
         self.label, self.generator = label, generator
         self.embedder, self.face_detector = embedder, face_detector
         self.face_embedder = face_embedder
         self.summary = summary
+        self.settings = settings
 
-    def write(self, batch: list[_Prepared]) -> None:
-        good = [p for p in batch if p.decoded is not None]
-        shas = sorted({p.decoded.sha256 for p in good if p.decoded})
+    def write(self, batch: list[Prepared]) -> None:
+        good = [(item, d) for item, d in batch if d.ok]
+        for _, d in good:
+            if d.thumbnail is not None:
+                store_thumbnail(self.settings, d.sha256, d.thumbnail)
+        shas = sorted({d.sha256 for _, d in good})
         with self.store.session() as s:
             known = (
                 dict(s.execute(select(Image.sha256, Image.id).where(Image.sha256.in_(shas))).all())
@@ -267,26 +274,30 @@ class _Writer:
                     ).scalars()
                 )
         # Work out what needs model inference before opening the write transaction.
-        first_of_sha: dict[str, _Prepared] = {}
-        for p in good:
-            assert p.decoded is not None
-            first_of_sha.setdefault(p.decoded.sha256, p)
-        new = [p for sha, p in first_of_sha.items() if sha not in known]
-        to_embed = new + [p for sha, p in first_of_sha.items() if sha in known and known[sha] not in embedded]
+        first_of_sha: dict[str, Described] = {}
+        for _, d in good:
+            first_of_sha.setdefault(d.sha256, d)
+        new = [d for sha, d in first_of_sha.items() if sha not in known]
+        to_embed = new + [d for sha, d in first_of_sha.items() if sha in known and known[sha] not in embedded]
         vectors: dict[str, np.ndarray] = {}
         if self.embedder and to_embed:
-            out = self.embedder.embed([p.decoded.image for p in to_embed if p.decoded])  # [n, dim]
-            vectors = {p.decoded.sha256: out[i] for i, p in enumerate(to_embed) if p.decoded}
+            missing = [d for d in to_embed if d.vector is None]
+            if missing:
+                assert not isinstance(self.embedder, ModelIdentity), (
+                    "a worker sent an item without its vector"
+                )
+                embed_into(missing, self.embedder)
+            vectors = {d.sha256: d.vector for d in to_embed if d.vector is not None}
         faces = self._faces(new)
 
         with self.store.session() as s:
             ids = dict(known)
-            for p in new:
-                assert p.decoded is not None and p.hashes is not None
-                row = self._image_row(p)
+            items_of = {id(d): item for item, d in good}
+            for d in new:
+                row = self._image_row(items_of[id(d)], d)
                 s.add(row)
                 s.flush()
-                ids[p.decoded.sha256] = int(row.id)
+                ids[d.sha256] = int(row.id)
                 self.summary.new += 1
             for sha, vec in vectors.items():
                 assert self.embedder is not None
@@ -298,7 +309,7 @@ class _Writer:
                     )
                 )
             for sha, found in faces.items():
-                for face, vec in found:
+                for face in found:
                     s.add(
                         Face(
                             image_id=ids[sha],
@@ -306,61 +317,52 @@ class _Writer:
                             landmarks=[[float(x), float(y)] for x, y in face.landmarks],
                             score=float(face.score),
                             model_key=self.face_embedder.model_key if self.face_embedder else "",
-                            vector=vec.astype(np.float32).tobytes(),
+                            vector=face.vector.astype(np.float32).tobytes(),
                         )
                     )
-            new_shas = {p.decoded.sha256 for p in new if p.decoded}
-            for p in good:
-                assert p.decoded is not None
-                image_id = ids[p.decoded.sha256]
-                if p.decoded.sha256 not in new_shas or p is not first_of_sha[p.decoded.sha256]:
+            new_shas = {d.sha256 for d in new}
+            for item, d in good:
+                image_id = ids[d.sha256]
+                if d.sha256 not in new_shas or d is not first_of_sha[d.sha256]:
                     self.summary.duplicates += 1
-                    self._upgrade_label(s, image_id, p.item)
-                s.add(self._sighting_row(p.item, image_id))
-                if p.item.latent is not None and (p.item.generator or self.generator):
-                    self._add_latent(s, image_id, p.item)
-            for p in batch:
-                if p.error is not None:
+                    self._upgrade_label(s, image_id, item)
+                s.add(self._sighting_row(item, image_id))
+                if item.latent is not None and (item.generator or self.generator):
+                    self._add_latent(s, image_id, item)
+            for item, d in batch:
+                if not d.ok:
+                    reason = d.error_reason or "source_error"
                     self.summary.failures += 1
-                    reason = getattr(p.error, "reason", "source_error")
                     self.summary.failure_reasons[reason] = self.summary.failure_reasons.get(reason, 0) + 1
                     s.add(
                         IngestFailure(
-                            collection_id=self.collections.of(p.item),
-                            source_key=p.item.key,
+                            collection_id=self.collections.of(item),
+                            source_key=item.key,
                             reason=reason,
-                            detail=str(p.error)[:2000],
+                            detail=d.error_detail[:2000],
                         )
                     )
 
-    def _faces(self, new: list[_Prepared]) -> dict[str, list[tuple[DetectedFace, np.ndarray]]]:
+    def _faces(self, new: list[Described]) -> dict[str, list[Any]]:
         """The faces of the new images with their face-tier vectors (``indexer.face_identity``)."""
-        if not (self.face_detector and self.face_embedder and new):
+        if not (self.face_embedder and new):
             return {}
-        from indexer.faces import describe_faces
+        missing = [d for d in new if d.faces is None]
+        if missing and self.face_detector is not None and not isinstance(self.face_embedder, ModelIdentity):
+            faces_into(missing, self.face_detector, self.face_embedder)
+        return {d.sha256: d.faces for d in new if d.faces}
 
-        found: dict[str, list[tuple[DetectedFace, np.ndarray]]] = {}
-        for p in new:
-            assert p.decoded is not None
-            described = describe_faces(p.decoded.image, self.face_detector)
-            if described:
-                vecs = self.face_embedder.embed_faces(p.decoded.image, described)  # [n_faces, dim]
-                found[p.decoded.sha256] = [
-                    (face, vec) for (face, _), vec in zip(described, vecs, strict=True)
-                ]
-        return found
-
-    def _image_row(self, p: _Prepared) -> Image:
-        d, h = p.decoded, p.hashes
-        assert d is not None and h is not None
+    def _image_row(self, item: SourceItem, d: Described) -> Image:
+        h = d.hashes
+        assert h is not None
         return Image(
             sha256=d.sha256,
             width=d.width,
             height=d.height,
             format=d.format,
             num_bytes=d.num_bytes,
-            label=_validate_label(p.item.label) or self.label or "unknown",
-            generator=p.item.generator or self.generator,
+            label=_validate_label(item.label) or self.label or "unknown",
+            generator=item.generator or self.generator,
             pdq=h.pdq,
             pdq_quality=h.pdq_quality,
             pdq_mirror=h.pdq_mirror,
@@ -411,6 +413,57 @@ class _Writer:
             )
 
 
+class DescribeStage(Protocol):
+    """How a runner describes batches: open it (models loaded, their identities returned), then stream.
+
+    ``stream`` yields one list of descriptions per batch it is given, in the order given (items in order)."""
+
+    def __enter__(self) -> dict[str, Any]: ...
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    def stream(self, batches: Iterable[list[SourceItem]]) -> Iterator[list[Described]]: ...
+
+
+class _ThreadStage:
+    """The plain runner: decode and hash in threads, one batch at a time; the writer runs the models."""
+
+    def __init__(self, settings: Settings, workers: int, models: dict[str, Any]) -> None:
+        self.settings, self.workers, self.models = settings, max(1, workers), models
+
+    def __enter__(self) -> dict[str, Any]:
+        self.pool = ThreadPoolExecutor(max_workers=self.workers)
+        return self.models
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.pool.shutdown()
+
+    def stream(self, batches: Iterable[list[SourceItem]]) -> Iterator[list[Described]]:
+        """Each batch described in source order, cut where its decoded pixels reach
+        ``limits.ingest_batch_max_bytes``; at most ``workers`` items decode ahead, so what is held at once is one
+        (byte-bounded) batch plus ``workers`` images at working size, never a whole count-batch of large ones."""
+        cap = self.settings.limits.ingest_batch_max_bytes
+        for todo in batches:
+            pending: deque[Future[Described]] = deque()
+            out: list[Described] = []
+            held = 0
+            for i, item in enumerate(todo):
+                pending.append(self.pool.submit(_prepare, self.settings, item))
+                while pending and (len(pending) > self.workers or i == len(todo) - 1):
+                    described = pending.popleft().result()
+                    out.append(described)
+                    held += described.nbytes
+                    if held >= cap:
+                        yield out
+                        out, held = [], 0
+            if out:
+                yield out
+
+
 def ingest(
     source: str | Path,
     *,
@@ -435,37 +488,61 @@ def ingest(
     decoded pixels."""
     from indexer.face_identity import face_embedder_for
 
+    face_embedder = face_embedder_for(face_model, embedder) if face_detector else None
+    models: dict[str, Any] = {"clip": embedder, "faces": face_embedder, "detector": face_detector}
+    return ingest_with(
+        _ThreadStage(settings, workers, models), source, collection=collection, settings=settings,
+        label=label, generator=generator, progress=progress, on_batch=on_batch, roots=roots,
+    )  # fmt: skip
+
+
+def ingest_with(
+    stage: DescribeStage,
+    source: str | Path,
+    *,
+    collection: str,
+    settings: Settings,
+    label: str | None = None,
+    generator: str | None = None,
+    progress: bool = False,
+    on_batch: Callable[[IngestSummary], None] | None = None,
+    roots: Sequence[Path] | None = None,
+) -> IngestSummary:
+    """The one ingest driver every runner shares: lock, repair, describe through ``stage``, one writer.
+
+    ``stage`` opens to a dict of the models (``clip``, ``faces``: embedders or the ``ModelIdentity`` of models
+    that run in workers; ``detector``: the face detector when the writer runs it)."""
     _validate_label(label)
     collection = clean_name(collection)
     summary = IngestSummary(source=str(source), collection=collection)
-    summary.tiers = ["sha256", "pdq", "phash"]
-    summary.tiers.append(f"clip ({embedder.model_id})" if embedder else "clip skipped: no model configured")
-    face_embedder = face_embedder_for(face_model, embedder) if face_detector else None
-    if face_embedder is not None:
-        summary.tiers.append(
-            f"faces ({'identity' if face_embedder.identity else 'CLIP'}: {face_embedder.model_id})"
-        )
     store = open_store(settings)
     index_dir = settings.index_dir
-    extra_specs = []
-    if embedder:
-        extra_specs.append(
-            clip_spec(embedder.model_key, embedder.dim, embedder.model_id, embedder.weights_sha256)
-        )
-    if face_embedder is not None:
-        extra_specs.append(
-            face_spec(
-                face_embedder.model_key,
-                face_embedder.dim,
-                face_embedder.model_id,
-                face_embedder.weights_sha256,
-            )
-        )
     threshold = settings.approx_index_threshold
     started = time.perf_counter()
     try:
-        with write_lock(settings.data_dir, purpose=f"ingest of {source} into {collection!r}"):
-            sync_all(store, index_dir, threshold=threshold)  # repair what an interrupted run left behind
+        with (
+            write_lock(settings.data_dir, purpose=f"ingest of {source} into {collection!r}"),
+            stage as models,
+        ):
+            embedder, face_embedder = models.get("clip"), models.get("faces")
+            summary.tiers = _tiers(embedder, face_embedder)
+            extra_specs = []
+            if embedder:
+                extra_specs.append(
+                    clip_spec(embedder.model_key, embedder.dim, embedder.model_id, embedder.weights_sha256)
+                )
+            if face_embedder is not None:
+                extra_specs.append(
+                    face_spec(
+                        face_embedder.model_key,
+                        face_embedder.dim,
+                        face_embedder.model_id,
+                        face_embedder.weights_sha256,
+                    )
+                )
+            sync_all(
+                store, index_dir, threshold=threshold, ondisk_threshold=settings.ondisk_index_threshold
+            )  # repair what an interrupted run left behind
             collections = _Collections(store, collection)
             with store.session() as s:
                 run = IngestRun(source=str(source), collection_id=collections.default_id)
@@ -474,16 +551,20 @@ def ingest(
                 summary.run_id = int(run.id)
             writer = _Writer(
                 store, collections, label=label, generator=generator, embedder=embedder,
-                face_detector=face_detector, face_embedder=face_embedder, summary=summary,
+                face_detector=models.get("detector"), face_embedder=face_embedder, summary=summary,
+                settings=settings,
             )  # fmt: skip
             status = "interrupted"
             try:
                 _run_batches(
-                    settings, source, collections, writer, summary, progress, workers, on_batch, store, roots
+                    settings, source, collections, writer, summary, progress, stage, on_batch, store, roots
                 )
                 collections.drop_unused_default(summary.run_id)
                 summary.collections = collections.names
-                summary.indexes = sync_all(store, index_dir, threshold=threshold, extra_specs=extra_specs)
+                summary.indexes = sync_all(
+                    store, index_dir, threshold=threshold, extra_specs=extra_specs,
+                    ondisk_threshold=settings.ondisk_index_threshold,
+                )  # fmt: skip
                 status = "done"
             finally:
                 summary.seconds = time.perf_counter() - started
@@ -502,6 +583,14 @@ def ingest(
     return summary
 
 
+def _tiers(embedder: Any, face_embedder: Any) -> list[str]:
+    tiers = ["sha256", "pdq", "phash"]
+    tiers.append(f"clip ({embedder.model_id})" if embedder else "clip skipped: no model configured")
+    if face_embedder is not None:
+        tiers.append(f"faces ({'identity' if face_embedder.identity else 'CLIP'}: {face_embedder.model_id})")
+    return tiers
+
+
 def _run_batches(
     settings: Settings,
     source: str | Path,
@@ -509,7 +598,7 @@ def _run_batches(
     writer: _Writer,
     summary: IngestSummary,
     progress: bool,
-    workers: int,
+    stage: DescribeStage,
     on_batch: Callable[[IngestSummary], None] | None,
     store: Store,
     roots: Sequence[Path] | None,
@@ -519,56 +608,34 @@ def _run_batches(
     bar = tqdm(
         total=total, unit="img", desc=f"ingest {Path(str(source)).name}", disable=not progress, leave=False
     )
-    items = iter_source(source, limits=settings.limits, roots=roots)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for batch, seen in _prepared_batches(settings, items, collections, pool, max(1, workers)):
-            summary.items += seen
-            summary.skipped += seen - len(batch)
-            writer.write(batch)
-            bar.update(seen)
-            bar.set_postfix(new=summary.new, dup=summary.duplicates, fail=summary.failures, refresh=False)
-            if on_batch:
-                on_batch(summary)
-            if time.monotonic() - last_sync > SYNC_EVERY_S:
-                sync_all(store, settings.index_dir, threshold=settings.approx_index_threshold)
-                last_sync = time.monotonic()
+    pending: deque[SourceItem] = deque()  # handed to the stage, not yet written, in source order
+
+    def todo_batches() -> Iterator[list[SourceItem]]:
+        """The items still to do, batch by batch; each is claimed as it is handed out (a key a source repeats
+        in a later batch is skipped, as a resumed run skips it)."""
+        for batch in _batched(iter_source(source, limits=settings.limits, roots=roots), settings.batch_size):
+            summary.items += len(batch)
+            todo = [item for item in batch if not collections.done(item)]
+            for item in todo:
+                collections.mark_done(item)
+            summary.skipped += len(batch) - len(todo)
+            bar.update(len(batch) - len(todo))
+            pending.extend(todo)
+            yield todo
+
+    # a stage yields the described items in source order, in lists of one batch or (bounded by bytes) fewer
+    for described in stage.stream(todo_batches()):
+        todo = [pending.popleft() for _ in described]
+        assert [d.key for d in described] == [item.key for item in todo], "a runner mixed up its batches"
+        writer.write(list(zip(todo, described, strict=True)))
+        bar.update(len(todo))
+        bar.set_postfix(new=summary.new, dup=summary.duplicates, fail=summary.failures, refresh=False)
+        if on_batch:
+            on_batch(summary)
+        if time.monotonic() - last_sync > SYNC_EVERY_S:
+            sync_all(
+                store, settings.index_dir, threshold=settings.approx_index_threshold,
+                ondisk_threshold=settings.ondisk_index_threshold,
+            )  # fmt: skip
+            last_sync = time.monotonic()
     bar.close()
-
-
-def _prepared_batches(
-    settings: Settings, items: Iterable[SourceItem], collections: _Collections, pool: ThreadPoolExecutor,
-    workers: int,
-) -> Iterator[tuple[list[_Prepared], int]]:  # fmt: skip
-    """(prepared batch in source order, items seen for it) with at most ``batch_size`` items and
-    ``ingest_batch_max_bytes`` of decoded pixels each; at most ``workers`` items decode ahead of the batch, so
-    what is held at once is one batch plus ``workers`` images (at working size), never a whole count-batch
-    of large ones."""
-    cap_items, cap_bytes = settings.batch_size, settings.limits.ingest_batch_max_bytes
-    pending: deque[Future[_Prepared]] = deque()
-    batch: list[_Prepared] = []
-    held, seen = 0, 0
-
-    def take_oldest() -> bool:
-        """Move the oldest prepared item into the batch; True when the batch is full."""
-        nonlocal held
-        prepared = pending.popleft().result()
-        batch.append(prepared)
-        held += prepared.nbytes
-        return len(batch) >= cap_items or held >= cap_bytes
-
-    for item in items:
-        seen += 1
-        if collections.done(item):
-            continue
-        collections.mark_done(item)  # in flight: a repeated key of the source is not read twice
-        pending.append(pool.submit(_prepare, settings, item))
-        while len(pending) > workers or (pending and pending[0].done()):
-            if take_oldest():
-                yield batch, seen
-                batch, held, seen = [], 0, 0
-    while pending:
-        if take_oldest():
-            yield batch, seen
-            batch, held, seen = [], 0, 0
-    if batch or seen:
-        yield batch, seen

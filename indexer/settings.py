@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         ge=1,
         description="past this many vectors, ingest builds an approximate index with re-ranking",
     )
+    ondisk_index_threshold: int = Field(
+        20_000_000,
+        ge=1,
+        description="past this many vectors, a float index is built on disk (IVF-PQ, memory-mapped lists)",
+    )
     environment: str = Field("development", description="development or production")
     limits: Limits = Field(default_factory=Limits)
 

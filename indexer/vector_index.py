@@ -34,6 +34,8 @@ def approximate_factory(count: int) -> str:
 
 
 def choose_factory(count: int, threshold: int) -> str:
+    """Flat up to ``threshold``, IVF-SQ8 in RAM past it (on-disk IVF-PQ past a larger threshold:
+    ``indexer.ondisk_index.ondisk_factory``, chosen by ``indexer.index_sync``)."""
     return FLAT_FACTORY if count <= threshold else approximate_factory(count)
 
 
@@ -213,9 +215,13 @@ AnyIndex = FloatIndex | BinaryIndex
 def load_index(directory: Path, name: str) -> AnyIndex | None:
     """Load ``NAME.faiss`` with its info from ``directory``; None when it was never saved."""
     info_path, path = directory / f"{name}.json", directory / f"{name}.faiss"
-    if not info_path.exists() or not path.exists():
+    if not info_path.exists() or not (path.exists() or '"ondisk:' in info_path.read_text()):
         return None
     info = IndexInfo(**json.loads(info_path.read_text()))
+    if info.factory.startswith("ondisk:"):
+        from indexer.ondisk_index import load_ondisk  # the on-disk layout (imports this module)
+
+        return load_ondisk(directory, info)
     data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
     if info.kind == "binary":
         index: AnyIndex = BinaryIndex(info, faiss.deserialize_index_binary(data))

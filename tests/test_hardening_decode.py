@@ -62,7 +62,7 @@ def test_ingest_batches_are_bounded_by_decoded_bytes_not_only_by_count(
     sizes: list[int] = []
     original = ingest_module._Writer.write
 
-    def spy(self: ingest_module._Writer, batch: list[ingest_module._Prepared]) -> None:
+    def spy(self: ingest_module._Writer, batch: list[ingest_module.Prepared]) -> None:
         sizes.append(len(batch))
         original(self, batch)
 
