@@ -265,3 +265,24 @@ def test_report_has_a_detector_section_and_a_reason_of_its_own() -> None:
     copy = dict(result, hits=[{"image_id": 1, "match_class": "exact", "label": "generated", "sightings": []}])
     with_copy = build_report(copy, report_id="r2")
     assert with_copy.verdict.kind == "copy_of_generated" and with_copy.verdict.reasons[-1] == reason
+
+
+def test_search_adds_the_detector_tier_and_says_when_it_is_off(
+    corpus: tuple[Settings, str], tmp_path: Path
+) -> None:
+    from search import detector as det
+
+    settings, model_id = corpus
+    store, clip = _store_and_clip(settings)
+    det.train_detector(settings, store, clip, "for-search", generated=GENERATED, real=REAL, replace=True)
+    store.dispose()
+    query = tmp_path / "q.png"
+    generated_like(77).save(query)
+    args = ["search", str(query), "--clip-model", model_id, "--data-dir", str(settings.data_dir), "--json"]
+    doc = json.loads(runner.invoke(app, args).stdout.strip().splitlines()[-1])
+    assert "detector" in doc["tiers"] and doc["detector"]["detector"] == "for-search"
+    assert any(
+        "A detector (for-search" in r or "The detector for-search" in r for r in doc["verdict"]["reasons"]
+    )
+    off = json.loads(runner.invoke(app, [*args, "--detector", "none"]).stdout.strip().splitlines()[-1])
+    assert "detector" not in off["tiers"] and "detector" not in off
