@@ -288,9 +288,16 @@ def project(
             soft_wrap=True,
         )
         for m in ev.latent_matches:
+            image = "" if m.image_lpips is None else f", its image LPIPS {m.image_lpips:.4f}"
             out.print(
                 f"  latent match: seed {m.seed} image {m.sha256 or '-'} cosine {m.cosine:.3f} "
-                f"distance {m.distance:.3f}",
+                f"distance {m.distance:.3f}{image}",
+                soft_wrap=True,
+            )
+        if (match := ev.reproducing_match) is not None:
+            out.print(
+                f"  reproduced by the stored latent {match.latent_id} (a known generated image): LPIPS "
+                f"{match.image_lpips:.4f} <= its reprojection's {ev.lpips:.4f}",
                 soft_wrap=True,
             )
         out.print(f"  wrote {doc['reconstruction']} and {doc['difference']}", soft_wrap=True, highlight=False)

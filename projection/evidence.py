@@ -68,6 +68,27 @@ class Evidence:
     face: dict[str, Any] = field(default_factory=dict)  # how the face was prepared (PreparedFace.to_json)
     probability_note: str | None = None  # why there is no probability, when there is none
 
+    @property
+    def reproducing_match(self) -> LatentMatch | None:
+        """The best stored latent when it is a known generated image's (a manifest's) and its own image reproduces
+        the query at least as well as the projection did (``image_lpips <= lpips``): the face is that image, seen
+        again. A real face's nearest stored latent is another face, far worse than its own reprojection."""
+        if not self.latent_matches:
+            return None
+        best = self.latent_matches[0]
+        if best.origin != "manifest" or best.image_lpips is None or best.image_lpips > self.lpips:
+            return None
+        return best
+
+    @property
+    def evidence_lpips(self) -> float:
+        """The closest this generator came to the query: the reprojection's LPIPS, or the reproducing stored
+        latent's where there is one (lower)."""
+        match = self.reproducing_match
+        return (
+            self.lpips if match is None or match.image_lpips is None else min(self.lpips, match.image_lpips)
+        )
+
     def to_json(
         self, *, images: str = "none", image_dir: Path | None = None, stem: str = "face"
     ) -> dict[str, Any]:
@@ -85,6 +106,7 @@ class Evidence:
             "calibration_sizes": self.calibration_sizes,
             "probability_note": self.probability_note,
             "latent_matches": [m.to_json() for m in self.latent_matches],
+            "reproduced_by_stored_latent": None if (m := self.reproducing_match) is None else m.to_json(),
             "steps": self.steps,
             "seconds": self.seconds,
             "start_index": self.start_index,
@@ -275,6 +297,8 @@ def project_faces(
                 rerank_by_image(generator, r.space, face, found, matcher)[:match_k]
                 for face, r, found in zip(faces, results, matches, strict=True)
             ]
+        if results:
+            score_best_matches(generator, results[0].space, faces, matches, matcher, lpips_model, config)
     finally:
         if own_store:
             st.dispose()
@@ -363,6 +387,36 @@ def rerank_by_image(
     for m, e in zip(found, errors, strict=True):
         m.image_mse = float(e)
     return sorted(found, key=lambda m: m.image_mse if m.image_mse is not None else float("inf"))
+
+
+def score_best_matches(
+    generator: Any,
+    space: str,
+    faces: Sequence[PreparedFace],
+    matches: Sequence[list[LatentMatch]],
+    matcher: LatentMatcher,
+    lpips_model: torch.nn.Module,
+    config: ProjectionConfig,
+) -> None:
+    """Set ``image_lpips`` of each face's best match: its stored latent rendered at full resolution and scored
+    against the face by the evidence comparison (``evidence_scores``), exactly as the reconstruction is."""
+    pairs = [(face, found[0]) for face, found in zip(faces, matches, strict=True) if found]
+    if not pairs:
+        return
+    vecs = matcher.vectors([m.latent_id for _, m in pairs])
+    shape = generator.latent_shape(space)
+    device = next(generator.parameters()).device
+    chunk = max(1, 2**22 // generator.resolution**2)
+    images: list[torch.Tensor] = []
+    with torch.no_grad():
+        latents = torch.from_numpy(np.stack([vecs[m.latent_id] for _, m in pairs])).reshape(-1, *shape)
+        for lo in range(0, len(latents), chunk):
+            images += list(generator.synthesize(latents[lo : lo + chunk].to(device), space).cpu())
+    scores = evidence_scores(
+        lpips_model, images, [face for face, _ in pairs], lpips_resolution=config.lpips_resolution
+    )
+    for (_, match), (lp, _mse) in zip(pairs, scores, strict=True):
+        match.image_lpips = float(lp)
 
 
 def project_images(

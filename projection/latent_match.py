@@ -38,6 +38,9 @@ class LatentMatch:
     cosine: float
     distance: float  # Euclidean distance between the two latents
     image_mse: float | None = None  # pixel MSE of the stored latent's image to the target, when re-ranked
+    # the evidence LPIPS of the stored latent's own image against the query (degraded like the query, at its
+    # effective size: ``projection.scoring``), computed for the best match
+    image_lpips: float | None = None
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)

@@ -18,7 +18,7 @@ from PIL import Image  # noqa: E402
 
 from indexer.errors import ModelUnavailableError, SleuthError  # noqa: E402
 from indexer.settings import Settings  # noqa: E402
-from indexer.store.db import open_store  # noqa: E402
+from indexer.store.db import Store, open_store  # noqa: E402
 from projection.calibration import Calibration, calibrate_generator, perturb, roc_auc  # noqa: E402
 from projection.checkpoints import save_safetensors, sha256_file  # noqa: E402
 from projection.dcgan import DCGANGenerator  # noqa: E402
@@ -198,17 +198,23 @@ def test_latent_match_finds_the_stored_seed_by_direction(proj_settings: Settings
 
 
 # --- evidence ------------------------------------------------------------------------------------------------
-def test_project_images_gives_evidence_in_input_order_with_matches_and_probability(
-    proj_settings: Settings, tmp_path: Path
-) -> None:
-    register_generator(proj_settings, "tiny", tiny_dcgan_checkpoint(tmp_path / "g.pt"), family="dcgan")
-    gen, _ = load_generator(proj_settings, "tiny")
+def _tiny_with_stored_seeds(settings: Settings, tmp_path: Path) -> tuple[DCGANGenerator, Store]:
+    """A tiny DCGAN registered as "tiny" with the z of seeds 0-39 stored and indexed."""
+    register_generator(settings, "tiny", tiny_dcgan_checkpoint(tmp_path / "g.pt"), family="dcgan")
+    gen, _ = load_generator(settings, "tiny")
     assert isinstance(gen, DCGANGenerator)
-    store = open_store(proj_settings)
+    store = open_store(settings)
     seeds = list(range(40))
     z = np.stack([gen.sample_z(1, seed=s)[0].flatten().numpy() for s in seeds])
     store_latents(store, "tiny", "z", z, seeds=seeds)
-    sync_latent_index(proj_settings, store, "tiny", "z", 16)
+    sync_latent_index(settings, store, "tiny", "z", 16)
+    return gen, store
+
+
+def test_project_images_gives_evidence_in_input_order_with_matches_and_probability(
+    proj_settings: Settings, tmp_path: Path
+) -> None:
+    gen, store = _tiny_with_stored_seeds(proj_settings, tmp_path)
     made = _generated(gen, [5])[0]
     foreign = Image.fromarray(np.random.default_rng(2).integers(0, 255, (30, 50, 3), dtype=np.uint8))
     evidence = project_images(proj_settings, [made, foreign], "tiny", steps=120, store=store)
@@ -234,6 +240,28 @@ def test_project_images_gives_evidence_in_input_order_with_matches_and_probabili
     assert Image.open(io.BytesIO(png)).size == (16, 16)
     files = again.to_json(images="files", image_dir=tmp_path / "out", stem="x")
     assert Path(files["difference"]).is_file() and files["latent_matches"][0]["seed"] == 5
+    store.dispose()
+
+
+def test_a_stored_latent_that_reproduces_the_face_better_than_its_reprojection_is_reported(
+    proj_settings: Settings, tmp_path: Path
+) -> None:
+    gen, store = _tiny_with_stored_seeds(proj_settings, tmp_path)
+    made = _generated(gen, [9])[0]
+    foreign = Image.fromarray(np.random.default_rng(3).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    # two steps: the reprojection is far from the face, the stored latent of seed 9 is the face itself
+    first, second = project_images(proj_settings, [made, foreign], "tiny", steps=2, store=store)
+    best = first.latent_matches[0]
+    assert best.seed == 9 and best.image_lpips is not None and best.image_lpips < 1e-3 < first.lpips
+    assert first.reproducing_match is best and first.evidence_lpips == best.image_lpips
+    assert first.to_json()["reproduced_by_stored_latent"]["seed"] == 9
+    # noise matches no stored latent's image better than its own reprojection
+    assert second.reproducing_match is None and second.evidence_lpips == second.lpips
+    assert (
+        second.latent_matches[0].image_lpips is not None
+        and second.latent_matches[0].image_lpips > second.lpips
+    )
+    assert second.to_json()["reproduced_by_stored_latent"] is None
     store.dispose()
 
 
