@@ -17,7 +17,8 @@ the detail the query still holds. So a query face is prepared by one rule, recor
    by its centre square (``"centre-crop"``).
 
 The face's **effective size** is its side in the query's own pixels, at most the generator's resolution: a 64 px
-DCGAN face saved at 256 px has effective size 64, the same face saved at 32 px has 32. The reconstruction is
+DCGAN face saved at 256 px has effective size 64, the same face saved at 32 px has 32 (its uncapped side there is
+kept as ``source_side``: where the query's JPEG blocks are). The reconstruction is
 compared with the query at that size (``projection.scoring``), never with an enlarged copy of the query. Where the
 generator's framing reaches beyond the query (a tight crop into a generator that shows hair and background), the
 query is reflect-padded there (``_padded_for``) and the padded share is recorded.
@@ -90,6 +91,9 @@ class PreparedFace:
     box: tuple[float, float, float, float] | None = None
     score: float | None = None
     effective_size: int = 0  # 0: the generator's resolution
+    # the face square's side in the query's own pixels, uncapped (0: effective_size): a 64 px face saved at 256 px
+    # has source_side 256, and that is where its JPEG blocks are
+    source_side: int = 0
     target: Image.Image | None = None  # the face at effective_size (None: ``image``)
     jpeg_quality: int | None = None  # the query's JPEG quality, when it was a JPEG
     transform: dict[str, float] = field(default_factory=dict)  # FRAMING_KEYS of the alignment, source side
@@ -101,9 +105,13 @@ class PreparedFace:
     def size(self) -> int:
         return self.effective_size or self.image.width
 
+    def query_side(self) -> int:
+        """The side the face had in the query file (``source_side``), at least its effective size."""
+        return max(self.source_side, self.size())
+
     def to_json(self) -> dict[str, Any]:
         return {"how": self.how, "box": self.box, "score": self.score, "effective_size": self.size(),
-                "jpeg_quality": self.jpeg_quality, "transform": self.transform,
+                "source_side": self.query_side(), "jpeg_quality": self.jpeg_quality, "transform": self.transform,
                 "padded_fraction": self.padded_fraction}  # fmt: skip
 
 
@@ -188,8 +196,9 @@ def _whole(image: Image.Image, resolution: int, how: str, **kw: Any) -> Prepared
     square = _centre_square(image) if image.width != image.height else image
     size = min(square.width, resolution)
     return PreparedFace(
-        image=_resized(square, resolution), how=how, effective_size=size, target=_resized(square, size), **kw
-    )
+        image=_resized(square, resolution), how=how, effective_size=size, target=_resized(square, size),
+        source_side=square.width, **kw,
+    )  # fmt: skip
 
 
 def prepare_face(
@@ -233,7 +242,8 @@ def prepare_face(
     at_size_padded = forward_padded * (size / resolution)
     return PreparedFace(
         image=_warp(padded, forward_padded, resolution), how="template-aligned", effective_size=size,
-        target=_warp(padded, at_size_padded, size), padded_fraction=round(max(0.0, outside), 4), **info,
+        target=_warp(padded, at_size_padded, size), padded_fraction=round(max(0.0, outside), 4),
+        source_side=max(1, round(transform["source_side"])), **info,
     )  # fmt: skip
 
 

@@ -2,8 +2,10 @@
 
 Faces circulate downscaled, upscaled and re-encoded. Comparing a sharp reconstruction with an enlarged, blurred,
 blocky query would call every shared generated face real. So the reconstruction is degraded the way the query was
-made: reduced (area average) to the face's effective size, re-encoded as a JPEG at the query's estimated quality
-when the query was a JPEG; both are then compared at that size, at most the LPIPS resolution. The projector's loss
+made: for a JPEG query, brought to the side the face had in the query file and re-encoded there at the query's
+estimated quality (a face enlarged before it was saved has its JPEG blocks at the enlarged size, not at the
+generator's), then reduced (area average) to the face's effective size; both are then compared at that size, at
+most the LPIPS resolution. The projector's loss
 uses the same sizes without the re-encoding (it is not differentiable).
 """
 
@@ -23,12 +25,17 @@ def compare_target(face: PreparedFace) -> CompareTarget:
     return CompareTarget(to_tensor([face.comparison_image()])[0])  # [3, s, s]
 
 
+MAX_REENCODE_SIDE = 2048  # a face larger than this in the query is re-encoded at this side (bounded memory)
+
+
 def degrade_like_query(reconstruction: torch.Tensor, face: PreparedFace) -> torch.Tensor:
-    """``[3, R, R]`` -> ``[3, s, s]``: reduced to the face's effective size, re-encoded at its JPEG quality."""
-    small = resize_to(reconstruction[None].float(), face.size())[0]
-    if face.jpeg_quality is None:
-        return small
-    return to_tensor([jpeg_round_trip(to_image(small), face.jpeg_quality)])[0]
+    """``[3, R, R]`` -> ``[3, s, s]``: for a JPEG query re-encoded at its quality at the face's side in the query
+    (``PreparedFace.query_side``), then reduced to the face's effective size ``s``."""
+    rec = reconstruction[None].float()
+    if face.jpeg_quality is not None:
+        at_query = resize_to(rec, min(face.query_side(), MAX_REENCODE_SIDE))[0]
+        rec = to_tensor([jpeg_round_trip(to_image(at_query), face.jpeg_quality)])
+    return resize_to(rec, face.size())[0]
 
 
 def evidence_scores(

@@ -22,7 +22,7 @@ from projection.face_prep import (
     similarity_transform,
     whole_image_framing,
 )
-from projection.images import to_tensor
+from projection.images import jpeg_round_trip, to_image, to_tensor
 from projection.scoring import degrade_like_query, evidence_scores
 from tests.tiny_generators import lpips_file_fixture, one_torch_thread_fixture  # noqa: F401
 
@@ -181,3 +181,18 @@ def test_the_evidence_compares_at_the_querys_effective_size_and_quality(lpips_fi
     with torch.no_grad():
         naive = float(lpips(truth[None], enlarged))
     assert lp_truth < naive
+
+
+def test_an_enlarged_jpeg_face_is_re_encoded_where_its_blocks_are_at_the_querys_side() -> None:
+    original = _picture(64, seed=5)
+    buf = io.BytesIO()
+    original.resize((256, 256), Image.Resampling.LANCZOS).save(buf, format="JPEG", quality=50)
+    query = decode_image(buf.getvalue())
+    face = prepare_face(query.image, 64, jpeg_quality=query.jpeg_quality)
+    assert face.size() == 64 and face.query_side() == 256 and face.to_json()["source_side"] == 256
+    target = to_tensor([face.comparison_image()])[0]
+    degraded = degrade_like_query(to_tensor([original])[0], face)
+    assert degraded.shape == (3, 64, 64)
+    # the old way, re-encoding at the effective size, puts q50 blocks on 64 px the query never had
+    small = to_tensor([jpeg_round_trip(to_image(to_tensor([original])[0]), 50)])[0]
+    assert (degraded - target).square().mean() < 0.5 * (small - target).square().mean()
