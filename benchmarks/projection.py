@@ -214,7 +214,8 @@ def auc_of(generated: Sequence[float], real: Sequence[float]) -> float | None:
 
 def face_doc(e: Evidence) -> dict[str, Any]:
     best = e.latent_matches[0] if e.latent_matches else None
-    return {"lpips": round(e.lpips, 5), "objective_lpips": round(e.objective_lpips, 5), "steps": e.steps,
+    return {"lpips": round(e.lpips, 5), "mse": round(e.mse, 6), "objective_lpips": round(e.objective_lpips, 5),
+            "steps": e.steps,
             "evidence_lpips": round(e.evidence_lpips, 5), "best_match_seed": best and best.seed,
             "best_match_image_lpips": best and best.image_lpips, "reproduced": e.reproducing_match is not None,
             "how": e.face.get("how"), "effective_size": e.face.get("effective_size"),
