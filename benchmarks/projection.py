@@ -254,11 +254,17 @@ def cmd_stylegan(args: argparse.Namespace) -> None:
     )
     real_files += sorted(rng.sample([f for f in evaluation if "utkface" in f and f not in real_files],
                                     args.n - len(real_files)))  # fmt: skip
-    tpdne_files = sorted(rng.sample(manifest("gan_face", "tpdne_2022"), args.n))
+    n_tpdne = args.n if args.n_tpdne is None else min(args.n_tpdne, args.n)
+    tpdne_files = sorted(rng.sample(manifest("gan_face", "tpdne_2022"), n_tpdne))
     real, tpdne = from_files(real_files), from_files(tpdne_files)
     log.info("queries ready in %.0fs", time.perf_counter() - t0)
     # one interleaved list (own, real, tpdne, ...) so that a partial run still compares all three
-    order = [(kind, i) for i in range(args.n) for kind in ("own", "real", "tpdne")]
+    order = [
+        (kind, i)
+        for i in range(args.n)
+        for kind in ("own", "real", "tpdne")
+        if kind != "tpdne" or i < n_tpdne
+    ]
     queries = [{"own": own, "real": real, "tpdne": tpdne}[k][i] for k, i in order]
     config = fast_config(args, info, args.steps)
 
@@ -297,7 +303,7 @@ def cmd_stylegan(args: argparse.Namespace) -> None:
     doc = summary(evidence)
     write(out, doc)
     table([
-        ("faces own / real / tpdne", f"{args.n} / {args.n} / {args.n}"),
+        ("faces own / real / tpdne", f"{args.n} / {args.n} / {n_tpdne}"),
         ("AUC own samples vs real faces (evidence)", fmt(doc["auc_own_vs_real"])),
         ("  the same, reprojection LPIPS only", fmt(doc["auc_own_vs_real_reprojection_only"])),
         ("AUC thispersondoesnotexist vs real faces (evidence)", fmt(doc["auc_tpdne_vs_real"])),
@@ -562,6 +568,7 @@ def main() -> None:
     p.add_argument(
         "--stored", type=int, default=960, help="distractor latents stored beside the n generating ones"
     )
+    p.add_argument("--n-tpdne", type=int, default=None, help="thispersondoesnotexist faces (default: --n)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=6)
     p.set_defaults(fn=cmd_stylegan)
