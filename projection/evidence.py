@@ -302,7 +302,7 @@ def project_faces(
     finally:
         if own_store:
             st.dispose()
-    sizes = {"n_generated": calibration.n_generated, "n_real": calibration.n_real} if calibration else None
+    sizes = calibration.sizes() if calibration else None
     out = []
     for face, r, m, (lp, mse) in zip(faces, results, matches, scores, strict=True):
         target = to_tensor([face.image])[0]

@@ -99,7 +99,7 @@ class GeneratorInfo:
             "description": self.description,
             "files_sha256": self.config.get("files"),
             "calibrated": bool(self.calibration),
-            "calibration_sizes": {k: cal[k] for k in ("n_generated", "n_real") if k in cal},
+            "calibration_sizes": {k: cal[k] for k in ("n_generated", "n_real", "n_other") if cal.get(k)},
             "encoder": self.encoder,
         }
 

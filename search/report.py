@@ -329,7 +329,9 @@ def _generator_words(p: ProjectionOut) -> str:
 def _calibration_words(p: ProjectionOut) -> str:
     sizes = (p.model_extra or {}).get("calibration_sizes") or {}
     if sizes.get("n_generated") and sizes.get("n_real"):
-        return f", calibrated on {sizes['n_generated']} generated / {sizes['n_real']} real faces"
+        from projection.calibration import sample_sizes_words
+
+        return f", calibrated on {sample_sizes_words(sizes)}"
     return ""
 
 

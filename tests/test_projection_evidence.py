@@ -19,7 +19,13 @@ from PIL import Image  # noqa: E402
 from indexer.errors import ModelUnavailableError, SleuthError  # noqa: E402
 from indexer.settings import Settings  # noqa: E402
 from indexer.store.db import Store, open_store  # noqa: E402
-from projection.calibration import Calibration, calibrate_generator, perturb, roc_auc  # noqa: E402
+from projection.calibration import (  # noqa: E402
+    Calibration,
+    calibrate_generator,
+    perturb,
+    roc_auc,
+    sample_sizes_words,
+)
 from projection.checkpoints import save_safetensors, sha256_file  # noqa: E402
 from projection.dcgan import DCGANGenerator  # noqa: E402
 from projection.evidence import project_images  # noqa: E402
@@ -126,6 +132,25 @@ def test_calibration_maps_lpips_to_a_monotone_smoothed_probability() -> None:
     assert 0.3 < mixed.probability(0.5) < 0.7  # indistinguishable classes: about even
 
 
+def test_other_generators_samples_join_the_negative_class_of_a_calibration() -> None:
+    rng = np.random.default_rng(4)
+    gen = list(rng.normal(0.05, 0.01, 40))
+    real = list(rng.normal(0.30, 0.03, 40))
+    other = list(rng.normal(0.09, 0.01, 40))  # another generator's faces: smooth, they reproject well
+    alone = Calibration.fit(gen, real)
+    against = Calibration.fit(gen, real, other_lpips=other)
+    assert alone.probability(0.09) > 0.8 and against.probability(0.09) < 0.2
+    assert against.probability(0.04) > 0.9 and against.sizes() == {
+        "n_generated": 40,
+        "n_real": 40,
+        "n_other": 40,
+    }
+    assert alone.sizes() == {"n_generated": 40, "n_real": 40}
+    again = Calibration.from_json(against.to_json())
+    assert again.other_lpips == against.other_lpips and again.probability(0.09) == against.probability(0.09)
+    assert sample_sizes_words(against.sizes()) == "40 generated / 40 real faces / 40 of other generators"
+
+
 def test_a_calibration_gives_no_probability_below_the_face_sizes_it_measured() -> None:
     cal = Calibration.fit([0.01, 0.02], [0.3, 0.4], generated_sizes=[256, 512], real_sizes=[100, 300])
     assert cal.min_size == 256  # both classes must have been seen at a size
@@ -175,6 +200,16 @@ def test_calibrate_generator_stores_both_distributions_on_the_registry(
     assert stored["settings"]["preparation"] == ["centre-crop", "whole-image"]  # no detector: by shape
     assert stored["settings"]["perturbation"]["jpeg_quality"] == [40, 95]
     assert max(cal.generated_lpips) < min(cal.real_lpips)
+    # another generator's samples join the negative class, named in the settings
+    register_generator(
+        proj_settings, "other", tiny_dcgan_checkpoint(tmp_path / "o.pt", seed=7), family="dcgan"
+    )
+    cal = calibrate_generator(
+        proj_settings, "tiny", real_dir, k=3, steps=10, other_generators=["other", "tiny"]
+    )
+    assert (cal.n_generated, cal.n_real, cal.n_other) == (3, 3, 1)
+    stored = get_generator(proj_settings, "tiny").calibration
+    assert stored is not None and stored["settings"]["other_generators"] == {"other": 1}
 
 
 # --- latent match ------------------------------------------------------------------------------------------
