@@ -143,6 +143,12 @@ def search(
     same_person_max_distance: Annotated[
         float | None, typer.Option(help="face identity distance (unit descriptors) for the same person")
     ] = None,
+    same_person_margin: Annotated[
+        float | None,
+        typer.Option(
+            help="how far below the query's 10th-nearest different face a same-person hit lies (0: off)"
+        ),
+    ] = None,
     verify_top: Annotated[int | None, typer.Option(min=0, help="candidates verified with RANSAC")] = None,
     detector: Annotated[
         str | None,
@@ -180,6 +186,7 @@ def search(
         min_inliers=min_inliers,
         face_min_similarity=face_min_similarity,
         same_person_max_distance=same_person_max_distance,
+        same_person_margin=same_person_margin,
         verify_top=verify_top,
     )
     queries = list(query_files(images or []))

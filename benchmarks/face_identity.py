@@ -19,6 +19,16 @@ What it measures (every face: MTCNN, the most confident face of the image, the f
    are all different people: the right count is 0), against the baseline of CLIP on the aligned face crop at the
    face tier's 0.85 cosine, the "similar" hits the face tier gave before (needs ``--clip-model``).
 
+4. ``search``: the same figures as a search (1:N) makes them, with Sleuth's default same-person rule
+   (search/same_person.py: the pair threshold 0.30 and a margin below the query's cohort distance, its 10th-nearest
+   face farther than the pair threshold). The margin is chosen on leave-one-out searches of the gallery faces
+   (each against the others; none of them is a held-out query) as the smallest of 0.00, 0.01, ... 0.20 at which
+   at most 2 % of those searches get a same-person hit (``--max-search-rate``), then measured on the unindexed
+   queries (every hit listed, to be looked at), and on each labelled deepface pair searched as a query against
+   the gallery plus its partner (same person: is the partner a same-person hit; different: is it not). Beside it,
+   the alternative tried: a threshold from the gallery size alone (the impostor-distance quantile at 1 % / N over
+   all pairs of gallery faces, ``--search-rate``).
+
 The classic dlib rule (Euclidean distance of raw descriptors < 0.6) is reported beside Sleuth's unit-descriptor
 distance. JSON goes to ``--out``.
 """
@@ -35,6 +45,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -45,6 +56,8 @@ sys.path.insert(0, str(ROOT))
 from indexer.face_identity import DLIB_PACKAGED, DlibFaceEmbedder, load_face_model  # noqa: E402
 from indexer.faces import describe_faces  # noqa: E402
 from indexer.mtcnn import FaceDetector  # noqa: E402
+from search.query import Thresholds  # noqa: E402
+from search.same_person import same_person_decision  # noqa: E402
 
 GENERATED = ("gan_face/tpdne_2022", "gan_face/stylegan3_r_ffhq", "gan_face/boredhumans_basemax")
 UTKFACE = "real_face/utkface"
@@ -155,6 +168,68 @@ def choose_threshold(distances: list[float], max_rate: float) -> float:
     return round(float(ordered[allowed]) - 1e-4, 4)
 
 
+def _distances(query: np.ndarray, others: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.maximum(0.0, 2.0 - 2.0 * others @ query))  # [M] unit-descriptor distances
+
+
+def _search(d: np.ndarray, t: Thresholds, margin: float) -> tuple[np.ndarray, float]:
+    """The same-person hits (a mask over ``d``) of a query whose distances to the N gallery faces are ``d``."""
+    nearest = np.sort(d)[: t.clip_k + t.same_person_cohort_rank]  # what the search asks the index for
+    decision = same_person_decision(nearest.tolist(), pair_threshold=t.same_person_max_distance, margin=margin,
+                                    cohort_rank=t.same_person_cohort_rank, gallery_faces=len(d))  # fmt: skip
+    return d <= decision.threshold, decision.threshold
+
+
+def search_figures(found: dict[str, Face], gallery: list[str], held: list[str],
+                   labelled: list[tuple[str, str, bool]], args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """Section 4 of the module doc: the 1:N same-person rule, calibrated and measured."""
+    t = Thresholds()
+    g = np.stack([found[k].unit for k in gallery])  # [G, 128]
+    loo = g @ g.T  # [G, G] cosines
+    np.fill_diagonal(loo, -1.0)  # a face is not its own neighbour
+    loo_d = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * loo))  # [G, G]
+    margins = [round(0.01 * i, 2) for i in range(21)]
+    with_hit = {m: sum(int(_search(row, t, m)[0].any()) for row in loo_d) for m in margins}
+    allowed = args.max_search_rate * len(gallery)
+    margin = next((m for m in margins if with_hit[m] <= allowed), margins[-1])
+    pairs_d = loo_d[np.triu_indices(len(gallery), 1)]  # every pair of gallery faces (different people)
+    size_threshold = round(float(np.quantile(pairs_d, args.search_rate / len(gallery))), 4)
+
+    def measure(rule: str) -> dict[str, Any]:
+        def decide(d: np.ndarray) -> tuple[np.ndarray, float]:
+            if rule == "gallery_size_threshold":
+                return d <= min(t.same_person_max_distance, size_threshold), size_threshold
+            return _search(d, t, margin if rule == "rule" else 0.0)
+
+        hits = []
+        for key in held:
+            mask, at = decide(_distances(found[key].unit, g))
+            hits += [{"query": key, "hit": gallery[i], "distance": round(float(_distances(found[key].unit, g[i:i + 1])[0]), 4),
+                      "threshold": at} for i in np.flatnonzero(mask)]  # fmt: skip
+        calls = {True: [0, 0], False: [0, 0]}  # same person?: [partner called the same person, searches]
+        for a, b, same in labelled:
+            for x, y in ((a, b), (b, a)):
+                d = _distances(found[x].unit, np.vstack([g, found[y].unit[None]]))  # the partner is the last
+                calls[same][0] += int(decide(d)[0][-1])
+                calls[same][1] += 1
+        return {"unindexed_queries_with_same_person": len({h["query"] for h in hits}),
+                "unindexed_same_person_hits": len(hits), "unindexed_hits": hits,
+                "deepface_same_found": calls[True][0], "deepface_same_searches": calls[True][1],
+                "deepface_different_called_same": calls[False][0], "deepface_different_searches": calls[False][1]}  # fmt: skip
+
+    return {
+        "calibration_searches": len(gallery), "calibration_with_a_hit_by_margin": with_hit,
+        "calibration_with_a_hit_at_margin": with_hit[margin],
+        "margin_rule": f"smallest margin with <= {args.max_search_rate:.0%} of the leave-one-out searches given a hit",
+        "rule": {"pair_threshold": t.same_person_max_distance, "margin": margin,
+                 "cohort_rank": t.same_person_cohort_rank, "sleuth_default_margin": t.same_person_margin,
+                 **measure("rule")},
+        "pair_threshold_alone": measure("pair"),
+        "gallery_size_threshold": {"threshold": size_threshold, "rule": f"impostor quantile at {args.search_rate:.0%}"
+                                   f" / {len(gallery)} over {len(pairs_d)} gallery pairs", **measure("gallery_size_threshold")},
+    }  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "eval-v1")
@@ -172,6 +247,18 @@ def main() -> int:
     ap.add_argument("--utkface", type=int, default=450, help="UTKFace faces drawn")
     ap.add_argument(
         "--held-out", type=int, default=40, help="unindexed queries from each of generated and UTKFace"
+    )
+    ap.add_argument(
+        "--max-search-rate",
+        type=float,
+        default=0.02,
+        help="calibration searches allowed a false same-person hit when choosing the margin",
+    )
+    ap.add_argument(
+        "--search-rate",
+        type=float,
+        default=0.01,
+        help="per-search false-match rate of the gallery-size threshold tried beside it",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calibration-seed", type=int, default=1)
@@ -247,6 +334,8 @@ def main() -> int:
         d = [unit_distance(found[a], found[b]) for a, b in pairs]
         return {"min": round(min(d), 4), "median": round(statistics.median(d), 4), "max": round(max(d), 4)}
 
+    search = search_figures(found, gallery, held, labelled, args)
+
     sweep = []
     for at in sorted({0.2, 0.25, 0.28, 0.3, 0.32, 0.34, 0.36, 0.4, threshold}):
         sweep.append({
@@ -267,7 +356,7 @@ def main() -> int:
         "different_people": {"pairs": len(measured), "spread": spread(measured),
                              "called_same_classic_raw_0.6": classic(measured)},
         "unindexed": {"queries": len(held), "gallery": len(gallery), "clip_face_crop_similar_at_0.85": clip_similar},
-        "at_threshold": chosen, "sweep": sweep,
+        "at_threshold": chosen, "sweep": sweep, "search": search,
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
@@ -288,6 +377,18 @@ def main() -> int:
               f"{line['deepface_different_called_same']}/{len(diff)} | {line['different_people_called_same']}/"
               f"{len(measured)} | {line['unindexed_queries_with_same_person']}/{len(held)} "
               f"({line['unindexed_same_person_hits']})")  # fmt: skip
+    r = search["rule"]
+    print(f"search (1:N, gallery {len(gallery)}): pair threshold {r['pair_threshold']}, margin {r['margin']} below "
+          f"the cohort (rank {r['cohort_rank']}; chosen on {search['calibration_searches']} leave-one-out searches, "
+          f"{search['calibration_with_a_hit_at_margin']} of them with a hit)")  # fmt: skip
+    for name in ("rule", "pair_threshold_alone", "gallery_size_threshold"):
+        m = search[name]
+        print(f"  {name}: unindexed queries with a same-person hit {m['unindexed_queries_with_same_person']}/"
+              f"{len(held)} ({m['unindexed_same_person_hits']} hits); deepface same-person pairs found "
+              f"{m['deepface_same_found']}/{m['deepface_same_searches']}, different-person partners called same "
+              f"{m['deepface_different_called_same']}/{m['deepface_different_searches']}")  # fmt: skip
+    for h in search["rule"]["unindexed_hits"]:
+        print(f"  unindexed hit: {h['query']} -> {h['hit']} at {h['distance']} (threshold {h['threshold']})")
     print(f"no face found in {len(missed)} of {len(faces)} images; {report['seconds_per_image']} s per image")
     return 0
 

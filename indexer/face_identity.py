@@ -11,8 +11,9 @@ Model ids (``SLEUTH_FACE_MODEL``):
   not that they are the same person, so its hits are only ever "similar".
 
 An identity embedder's vectors are its descriptors scaled to unit length; two faces are the same person when the
-Euclidean distance of their unit descriptors is at most ``Thresholds.same_person_max_distance`` (measured by
-``benchmarks/face_identity.py``). Faces are found by MTCNN (``SLEUTH_FACE_DETECTOR``) for every embedder: dlib's
+Euclidean distance of their unit descriptors is at most ``Thresholds.same_person_max_distance`` (the 1:1 rule,
+measured by ``benchmarks/face_identity.py``); a search (1:N) also asks for a margin below the query's cohort
+distance (``search/same_person.py``). Faces are found by MTCNN (``SLEUTH_FACE_DETECTOR``) for every embedder: dlib's
 shape predictor places its landmarks inside the MTCNN box, and dlib aligns its own 150 px chip from them.
 """
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from search.query import Thresholds
+from search.same_person import ordinal as _ordinal
 
 # Per-tier score keys and the CSV column that names each with its unit.
 SCORE_COLUMNS = {
@@ -56,8 +57,13 @@ def why(hit: Mapping[str, Any], thresholds: Mapping[str, Any] | None = None) -> 
         reasons.append(f"PDQ distance {int(pdq)} of 256 bits (≤ {pdq_max})")
     distance = s.get("face_distance")
     max_distance = _threshold(thresholds, "same_person_max_distance")
+    decision: Mapping[str, Any] = hit.get("identity") or {}
+    if isinstance(decision.get("threshold"), int | float):
+        max_distance = decision["threshold"]
     if isinstance(distance, int | float) and distance <= max_distance:
-        reasons.append(f"same person: face identity distance {distance:.3f} (≤ {max_distance})")
+        reasons.append(
+            f"same person: face identity distance {distance:.3f} (≤ {max_distance}{_cohort(decision)})"
+        )
     clip, clip_min = s.get("clip_similarity"), _threshold(thresholds, "clip_min_similarity")
     if isinstance(clip, int | float) and clip >= clip_min:
         reasons.append(f"CLIP cosine {clip:.3f} (≥ {clip_min}): looks alike")
@@ -68,6 +74,16 @@ def why(hit: Mapping[str, Any], thresholds: Mapping[str, Any] | None = None) -> 
     if isinstance(face, int | float) and face >= face_min:
         reasons.append(f"face-crop CLIP cosine {face:.3f} (≥ {face_min}): a similar face, not an identity")
     return reasons
+
+
+def _cohort(decision: Mapping[str, Any]) -> str:
+    """How a search's same-person threshold came about (search/same_person.py), or nothing for the pair rule."""
+    cohort = decision.get("cohort_distance")
+    if not isinstance(cohort, int | float):
+        return ""
+    return (f" in this search: pair threshold {decision.get('pair_threshold')}, and {decision.get('margin')} below "
+            f"the query's {_ordinal(int(decision.get('cohort_rank') or 0))}-nearest different face at {cohort:.3f} of "
+            f"{decision.get('gallery_faces')} faces")  # fmt: skip
 
 
 def earliest_first_seen(sightings: Sequence[Mapping[str, Any]]) -> str | None:

@@ -39,6 +39,7 @@ from indexer.store.db import Store, open_store
 from indexer.store.models import Collection, Face, Image, Sighting
 from indexer.vector_index import BinaryIndex, FloatIndex, load_index
 from search.hit_filters import HitFilter, filter_and_sort
+from search.same_person import same_person_decision
 from search.verify import FeatureCache, LocalFeatures, Verification, Verifier
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,13 @@ class Thresholds:
     # generated/UTKFace different-person pairs called the same. dlib's classic 0.6 on its raw descriptors (norm
     # about 1.5) is about 0.4 here and calls 25 of those 1000 pairs the same person.
     same_person_max_distance: float = 0.30
+    # In a search (1:N) a face is the same person only when its distance is also ``same_person_margin`` below the
+    # query's cohort distance: its ``same_person_cohort_rank``-th nearest face farther than the pair threshold
+    # (search/same_person.py). benchmarks/face_identity.py chose 0.12 at rank 10 on leave-one-out searches of 808
+    # faces of different people (the smallest margin with at most 2 % of them given a false same-person hit);
+    # 0 switches the test off (the pair threshold alone, as in a 1:1 comparison).
+    same_person_margin: float = 0.12
+    same_person_cohort_rank: int = 10
     verify_top: int = 10  # candidates verified with local features + RANSAC
     min_inliers: int = 25  # RANSAC inliers that make a verified copy
 
@@ -111,6 +119,8 @@ class Hit:
     sightings: list[dict[str, Any]] = field(default_factory=list)
     verification: dict[str, Any] | None = None
     faces: list[dict[str, Any]] = field(default_factory=list)
+    # the same-person decision its best face match passed (search/same_person.py), for an identity face model
+    identity: dict[str, Any] | None = None
 
 
 @dataclass
@@ -239,10 +249,11 @@ class Searcher:
         started = clock.add("search", started)
 
         face_hits: dict[int, float] = {}
+        decisions: dict[int, dict[str, Any]] = {}
         faces: list[dict[str, Any]] = []
         if self.faces_index is not None:
             tiers.append("faces")
-            faces, face_hits = self._faces(decoded.image, t)
+            faces, face_hits, decisions = self._faces(decoded.image, t)
             started = clock.add("faces", started)
 
         with self.store.session() as s:
@@ -262,6 +273,7 @@ class Searcher:
             if image_id in face_hits:
                 if self.face_embedder is not None and self.face_embedder.identity:
                     hit.scores["face_distance"] = round(identity_distance(face_hits[image_id]), 4)
+                    hit.identity = decisions.get(image_id)
                 else:
                     hit.scores["face_similarity"] = round(face_hits[image_id], 4)
 
@@ -359,18 +371,23 @@ class Searcher:
         vec = self.embedder.embed([image])  # [1, dim], L2-normalised
         return np.asarray(vec, dtype=np.float32).reshape(1, -1)
 
-    def _faces(self, image: PILImage.Image, t: Thresholds) -> tuple[list[dict[str, Any]], dict[int, float]]:
-        """The query's faces and, per indexed image, the best face cosine that passes the face threshold: the
-        same-person distance for an identity model, the face-crop similarity for CLIP."""
+    def _faces(
+        self, image: PILImage.Image, t: Thresholds
+    ) -> tuple[list[dict[str, Any]], dict[int, float], dict[int, dict[str, Any]]]:
+        """The query's faces; per indexed image, the best face cosine that passes the face threshold (for an
+        identity model the same-person decision of search/same_person.py, for CLIP the face-crop similarity);
+        and, for an identity model, per image the decision its best face passed."""
         from indexer.faces import describe_faces
 
         fe = self.face_embedder
         assert self.face_detector is not None and fe is not None and self.faces_index is not None
         found = describe_faces(image, self.face_detector)
         if not found:
-            return [], {}
+            return [], {}, {}
         vecs = np.asarray(fe.embed_faces(image, found), dtype=np.float32)  # [n, dim]
-        sims, face_ids = self.faces_index.search(vecs, t.clip_k)  # [n, k]
+        # an identity search also needs the query's cohort: its nearest faces beyond the pair threshold
+        k = t.clip_k + (t.same_person_cohort_rank if fe.identity else 0)
+        sims, face_ids = self.faces_index.search(vecs, k)  # [n, k]
         wanted = {int(i) for i in face_ids.ravel() if i >= 0}
         with self.store.session() as s:
             owner = (
@@ -380,29 +397,38 @@ class Searcher:
             )
         faces: list[dict[str, Any]] = []
         best: dict[int, float] = {}
+        decided: dict[int, dict[str, Any]] = {}
+        gallery = self.faces_index.ntotal
         for n, (face, _) in enumerate(found):
+            row = [(float(sim), int(fid)) for sim, fid in zip(sims[n].tolist(), face_ids[n].tolist(), strict=True)
+                   if fid >= 0 and fid in owner]  # fmt: skip
+            decision = None
+            if fe.identity:
+                decision = same_person_decision(
+                    [identity_distance(sim) for sim, _ in row], pair_threshold=t.same_person_max_distance,
+                    margin=t.same_person_margin, cohort_rank=t.same_person_cohort_rank, gallery_faces=gallery,
+                )  # fmt: skip
             matches = []
-            for sim, fid in zip(sims[n].tolist(), face_ids[n].tolist(), strict=True):
-                if fid < 0 or fid not in owner or not _face_passes(fe.identity, sim, t):
+            for sim, fid in row[: t.clip_k]:
+                if not (
+                    decision.passes(identity_distance(sim)) if decision else sim >= t.face_min_similarity
+                ):
                     continue
                 image_id = int(owner[fid])
-                match: dict[str, Any] = {
-                    "image_id": image_id,
-                    "face_id": int(fid),
-                    "similarity": round(float(sim), 4),
-                }
-                if fe.identity:
+                match: dict[str, Any] = {"image_id": image_id, "face_id": fid, "similarity": round(sim, 4)}
+                if decision is not None:
                     match |= {"distance": round(identity_distance(sim), 4), "same_person": True}
+                    if sim > best.get(image_id, -1.0):
+                        decided[image_id] = {"distance": match["distance"], **decision.to_json()}
                 matches.append(match)
-                best[image_id] = max(best.get(image_id, -1.0), float(sim))
-            faces.append(
-                {
-                    "box": [round(v, 1) for v in face.box],
-                    "score": round(float(face.score), 4),
-                    "matches": matches,
-                }
-            )
-        return faces, best
+                best[image_id] = max(best.get(image_id, -1.0), sim)
+            out: dict[str, Any] = {
+                "box": [round(v, 1) for v in face.box], "score": round(float(face.score), 4), "matches": matches,
+            }  # fmt: skip
+            if decision is not None:
+                out["same_person"] = decision.to_json()
+            faces.append(out)
+        return faces, best, decided
 
     def _verify(
         self,
@@ -509,13 +535,6 @@ def _tier_ranks(
     return best
 
 
-def _face_passes(identity: bool, cosine: float, t: Thresholds) -> bool:
-    """An identity match within the same-person distance, or a face-crop look-alike at the similarity."""
-    if identity:
-        return identity_distance(cosine) <= t.same_person_max_distance
-    return cosine >= t.face_min_similarity
-
-
 def _prior(hit: Hit) -> tuple[float, int]:
     """Verification order: the candidate closest to the query in any tier first (distances scaled to [0, 1])."""
     s = hit.scores
@@ -530,14 +549,15 @@ def _prior(hit: Hit) -> tuple[float, int]:
 
 
 def classify_scores(
-    scores: dict[str, float], t: Thresholds, *, exact: bool = False
+    scores: dict[str, float], t: Thresholds, *, exact: bool = False, same_person_limit: float | None = None
 ) -> tuple[str | None, float]:
     """The match class and fused score of one candidate from its per-tier scores (None: not reported).
 
     Classes never interleave in the ranking (hits are ordered by class, then score): exact scores 1,
     near-duplicates (0.5, 1), same person (an identity face model within ``same_person_max_distance``) from
     0.5 down to 0.25 as the distance grows, similar hits [0, 0.5).
-    ``inliers`` counts as a verified copy at ``min_inliers`` or more.
+    ``inliers`` counts as a verified copy at ``min_inliers`` or more. ``same_person_limit``: the search's
+    same-person threshold for this hit (search/same_person.py; default the pair threshold).
     """
     if exact:
         return "exact", 1.0
@@ -551,7 +571,8 @@ def classify_scores(
         )
         return "near_duplicate", round(0.5 + 0.5 * min(max(confidence, 0.0), 0.999), 4)
     distance = scores.get("face_distance")
-    if distance is not None and distance <= t.same_person_max_distance:  # a face-recognition model's call
+    limit = t.same_person_max_distance if same_person_limit is None else same_person_limit
+    if distance is not None and distance <= limit:  # a face-recognition model's call
         return "same_person", round(0.5 * (1.0 - min(distance, 1.0) / 2.0), 4)
     clip = scores.get("clip_similarity", -1.0)
     face = scores.get("face_similarity", -1.0)
@@ -562,7 +583,10 @@ def classify_scores(
 
 def _classify(hit: Hit, exact: int | None, t: Thresholds) -> Hit | None:
     """Assign the match class and fused score, or None to drop the hit."""
-    match_class, score = classify_scores(hit.scores, t, exact=exact is not None and hit.image_id == exact)
+    limit = hit.identity.get("threshold") if hit.identity else None
+    match_class, score = classify_scores(
+        hit.scores, t, exact=exact is not None and hit.image_id == exact, same_person_limit=limit
+    )
     if match_class is None:
         return None
     hit.match_class, hit.score = match_class, score
