@@ -21,7 +21,8 @@ calibrations are kept in ``--work`` (default /tmp/sleuth-bench-projection) and r
 ``dcgan``     the issue-4 measurement with the real DCGAN-DigiFace-64: fast path vs the published 1000-step recipe
               on the same faces (AUC and seconds), latent match.
 ``calibrate`` calibrate a generator of the work dir (``--generator``, ``--k``) on real faces disjoint from the
-              ones the other subcommands evaluate.
+              ones the other subcommands evaluate; ``--against OTHER...`` adds other generators' samples (their
+              own seeds, never the ones ``cross`` evaluates) to the negative class.
 
 Every face takes the query path: the image is encoded as a file, decoded as an upload is, prepared by
 ``projection.face_prep`` (MTCNN, the generator's own framing, effective size, JPEG quality) and projected with
@@ -431,14 +432,16 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     store = open_store(settings)
     ensure_generator(settings, store, args.generator)
     t0 = time.perf_counter()
+    for other in args.against:
+        ensure_generator(settings, store, other)
     cal = calibrate_generator(settings, args.generator, calibration_folder(args.work), k=args.k, seed=args.seed,
                               steps=args.steps or (args.msg_steps if args.generator == MSG else None),
-                              store=store)  # fmt: skip
+                              store=store, other_generators=args.against, k_other=args.k_other)  # fmt: skip
     doc = {"generator": args.generator, "seconds": time.perf_counter() - t0, **cal.to_json()}
     write(args.out or Path(f"bench-out/projection-calibration-{args.generator}.json"), doc)
     gen, real = sorted(cal.generated_lpips), sorted(cal.real_lpips)
     table([
-        ("generated / real", f"{cal.n_generated} / {cal.n_real}"),
+        ("generated / real / other generators", f"{cal.n_generated} / {cal.n_real} / {cal.n_other}"),
         ("AUC on the calibration samples", fmt(cal.auc())),
         ("median LPIPS generated / real", f"{fmt(gen[len(gen) // 2])} / {fmt(real[len(real) // 2])}"),
         ("seconds", fmt(doc["seconds"], 0)),
@@ -449,10 +452,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def cmd_cross(args: argparse.Namespace) -> None:
     settings = bench_settings(args.work)
     store = open_store(settings)
+    calibrated = set()
     for name in (MSG, DIGIFACE, CELEBA):
-        info = ensure_generator(settings, store, name)
-        if info.calibration is None:
-            raise SystemExit(f"calibrate {name} first: benchmarks/projection.py calibrate --generator {name}")
+        if ensure_generator(settings, store, name).calibration is not None:
+            calibrated.add(name)
+        else:
+            log.warning("%s is not calibrated (benchmarks/projection.py calibrate --generator %s): the pairs into "
+                        "it are left out", name, name)  # fmt: skip
     rng = random.Random(args.seed)
     digiface = [encoded(im, quality=90) for im in
                 own_samples(settings, store, DIGIFACE, rng.sample(range(10**6, 2**31 - 1), args.n))]  # fmt: skip
@@ -460,6 +466,7 @@ def cmd_cross(args: argparse.Namespace) -> None:
            for im in own_samples(settings, store, MSG, rng.sample(range(10**6, 2**31 - 1), args.n_msg))]  # fmt: skip
     pairs = [(DIGIFACE, CELEBA, digiface), (MSG, DIGIFACE, msg), (MSG, CELEBA, msg),
              (DIGIFACE, MSG, digiface[: args.n_msg])]  # fmt: skip
+    pairs = [p for p in pairs if p[1] in calibrated]
     out = args.out or Path("bench-out/projection-cross.json")
     doc: dict[str, Any] = {"pairs": {}}
     for source, target, queries in pairs:
@@ -476,6 +483,8 @@ def cmd_cross(args: argparse.Namespace) -> None:
         below = sum(1 for p in ps if p is None or p < 0.5)
         doc["pairs"][f"{source} -> {target}"] = {
             "faces": len(ev), "share_below_0.5": below / len(ev), "abstained": sum(p is None for p in ps),
+            "calibration_sizes": ev[0].calibration_sizes if ev else None,
+            "calibrated_against": (info.calibration or {}).get("settings", {}).get("other_generators"),
             "p": ps, "faces_detail": [face_doc(e) for e in ev],
         }  # fmt: skip
         log.info("%s -> %s: %d/%d below 0.5", source, target, below, len(ev))
@@ -586,6 +595,11 @@ def main() -> None:
     p.add_argument("--generator", choices=sorted(GENERATORS), required=True)
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--against", nargs="*", default=[], choices=sorted(GENERATORS),
+                   help="other generators whose samples join the negative class")  # fmt: skip
+    p.add_argument(
+        "--k-other", type=int, default=None, help="samples of each --against generator (default k/2)"
+    )
     p.set_defaults(fn=cmd_calibrate)
     p = sub.add_parser("cross")
     p.add_argument("--n", type=int, default=40, help="DCGAN-DigiFace faces (into DCGAN-CelebA)")
