@@ -28,13 +28,14 @@ from api.testing import live_server  # noqa: E402
 from indexer.settings import Settings  # noqa: E402
 
 
-def reposted(path: Path) -> bytes:
+def reposted(path: Path, *, scale: float = 0.8, quality: int = 75) -> bytes:
+    """What a re-poster does: crop 10 % per side, resize to ``scale``, JPEG at ``quality``."""
     im = Image.open(path).convert("RGB")
     w, h = im.size
     im = im.crop((w // 10, h // 10, w - w // 10, h - h // 10))
-    im = im.resize((round(im.width * 0.8), round(im.height * 0.8)), Image.Resampling.BILINEAR)
+    im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=75)
+    im.save(buf, "JPEG", quality=quality)
     return buf.getvalue()
 
 

@@ -15,7 +15,6 @@ the compare view of the first search's match are captured.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shutil
 import sys
@@ -31,20 +30,12 @@ from api.commands import keys_create  # noqa: E402
 from api.testing import ingest_through, live_server  # noqa: E402
 from indexer.settings import Settings  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "docs"))
+from make_report_screenshot import reposted  # noqa: E402
+
 SETS = [("tpdne", "gan_face/tpdne_2022", "generated", "StyleGAN2-FFHQ"), ("bsds500", "generic_photo/bsds500", "stock", None),
         ("utkface", "real_face/utkface", "real", None)]  # fmt: skip
 PER_SET = 16
-
-
-def reposted(path: Path) -> bytes:
-    """What a re-poster does: crop 10 % per side, resize to 70 %, JPEG q70."""
-    im = Image.open(path).convert("RGB")
-    w, h = im.size
-    im = im.crop((w // 10, h // 10, w - w // 10, h - h // 10))
-    im = im.resize((round(im.width * 0.7), round(im.height * 0.7)), Image.Resampling.BILINEAR)
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=70)
-    return buf.getvalue()
 
 
 def _save(shot: Path) -> None:
@@ -86,7 +77,7 @@ def main() -> int:
             ("stock-repost.jpg", picked["bsds500"][3]),
             ("face-repost.jpg", picked["tpdne"][5]),
         ):
-            (work / name).write_bytes(reposted(source))
+            (work / name).write_bytes(reposted(source, scale=0.7, quality=70))
             queries.append(work / name)
         unrelated = sorted((args.eval / "generic_photo" / "bsds500").iterdir())[PER_SET + 7]
         queries.append(unrelated)
