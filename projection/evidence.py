@@ -27,7 +27,7 @@ from PIL import Image
 from indexer.errors import ModelUnavailableError
 from indexer.settings import Settings
 from indexer.store.db import Store, open_store
-from projection.calibration import Calibration
+from projection.calibration import Calibration, evidence_metric
 from projection.encoder import predict_starts
 from projection.face_prep import FaceTemplate, PreparedFace, measure_face_template, prepare_face
 from projection.images import png_data_uri, to_image, to_tensor
@@ -67,6 +67,9 @@ class Evidence:
     start_index: int = 0
     face: dict[str, Any] = field(default_factory=dict)  # how the face was prepared (PreparedFace.to_json)
     probability_note: str | None = None  # why there is no probability, when there is none
+    metric: str = (
+        "lpips"  # what the face is judged by: "lpips", or "mse" for a face under 64 px (calibration)
+    )
 
     @property
     def reproducing_match(self) -> LatentMatch | None:
@@ -79,6 +82,12 @@ class Evidence:
         if best.origin != "manifest" or best.image_lpips is None or best.image_lpips > self.lpips:
             return None
         return best
+
+    @property
+    def evidence_distance(self) -> float:
+        """The face's distance in its own metric (``metric``): ``evidence_lpips``, or the pixel MSE of a face
+        under 64 px."""
+        return self.mse if self.metric == "mse" else self.evidence_lpips
 
     @property
     def evidence_lpips(self) -> float:
@@ -105,6 +114,7 @@ class Evidence:
             "probability_generated": self.probability_generated,
             "calibration_sizes": self.calibration_sizes,
             "probability_note": self.probability_note,
+            "metric": self.metric,
             "latent_matches": [m.to_json() for m in self.latent_matches],
             "reproduced_by_stored_latent": None if (m := self.reproducing_match) is None else m.to_json(),
             "steps": self.steps,
@@ -306,7 +316,7 @@ def project_faces(
     out = []
     for face, r, m, (lp, mse) in zip(faces, results, matches, scores, strict=True):
         target = to_tensor([face.image])[0]
-        probability, note = _probability(calibration, lp, face.size(), generator_name)
+        probability, note, metric = _probability(calibration, lp, mse, face.size(), generator_name)
         out.append(
             Evidence(
                 generator=generator_name,
@@ -323,6 +333,7 @@ def project_faces(
                 probability_generated=probability,
                 calibration_sizes=sizes,
                 probability_note=note,
+                metric=metric,
                 latent_matches=m,
                 steps=r.steps,
                 seconds=r.seconds,
@@ -342,17 +353,20 @@ def _step_reporter(
 
 
 def _probability(
-    calibration: Calibration | None, lpips: float, size: int, name: str
-) -> tuple[float | None, str | None]:
-    """p(generated) for ``lpips`` where the calibration covers a face of ``size`` px, else why there is none."""
+    calibration: Calibration | None, lpips: float, mse: float, size: int, name: str
+) -> tuple[float | None, str | None, str]:
+    """(p(generated), why there is none, the metric it was judged by) for a face of ``size`` px: the calibration's
+    map of the face's metric (``Calibration.probability_for``) where the calibration covers that size."""
+    metric = evidence_metric(size)
     if calibration is None:
-        return None, f"not calibrated (run `sleuth generators calibrate {name}`)"
+        return None, f"not calibrated (run `sleuth generators calibrate {name}`)", metric
     if not calibration.covers(size):
         return None, (
             f"the face's effective size ({size} px) is below the smallest the calibration measured "
             f"({calibration.min_size} px): no probability"
-        )
-    return calibration.probability(lpips), None
+        ), metric  # fmt: skip
+    probability, metric = calibration.probability_for(lpips, mse, size)
+    return probability, None, metric
 
 
 RERANK_SIZE = 64  # stored latents' images and the face are compared at this size (or the face's, if smaller)

@@ -22,6 +22,7 @@ from indexer.store.db import Store, open_store  # noqa: E402
 from projection.calibration import (  # noqa: E402
     Calibration,
     calibrate_generator,
+    evidence_metric,
     perturb,
     roc_auc,
     sample_sizes_words,
@@ -149,6 +150,32 @@ def test_other_generators_samples_join_the_negative_class_of_a_calibration() -> 
     again = Calibration.from_json(against.to_json())
     assert again.other_lpips == against.other_lpips and again.probability(0.09) == against.probability(0.09)
     assert sample_sizes_words(against.sizes()) == "40 generated / 40 real faces / 40 of other generators"
+
+
+def test_faces_under_64_px_are_judged_by_a_pixel_mse_map_of_the_small_samples() -> None:
+    rng = np.random.default_rng(5)
+    n = 40
+    sizes = [32] * n + [128] * n
+    # small faces: LPIPS does not separate the classes, MSE does; large faces: LPIPS does
+    gen_lp = list(rng.normal(0.05, 0.01, n)) + list(rng.normal(0.03, 0.01, n))
+    real_lp = list(rng.normal(0.05, 0.01, n)) + list(rng.normal(0.20, 0.03, n))
+    gen_mse = list(rng.normal(0.01, 0.002, n)) + list(rng.normal(0.01, 0.002, n))
+    real_mse = list(rng.normal(0.04, 0.005, n)) + list(rng.normal(0.04, 0.005, n))
+    cal = Calibration.fit(
+        gen_lp, real_lp, generated_sizes=sizes, real_sizes=sizes, mse=(gen_mse, real_mse, [])
+    )
+    assert cal.pixel is not None and cal.pixel.n_generated == n and cal.pixel.n_real == n
+    assert evidence_metric(32) == "mse" and evidence_metric(64) == "lpips"
+    p_small, metric = cal.probability_for(0.05, 0.01, 32)
+    assert metric == "mse" and p_small > 0.9
+    assert cal.probability_for(0.05, 0.04, 32)[0] < 0.1
+    p_large, metric = cal.probability_for(0.03, 0.04, 128)
+    assert metric == "lpips" and p_large > 0.9
+    again = Calibration.from_json(cal.to_json())
+    assert again.pixel is not None and again.probability_for(0.05, 0.01, 32) == (p_small, "mse")
+    # a calibration without small samples (or made before the pixel map) judges every face by LPIPS
+    old = Calibration.fit(gen_lp[n:], real_lp[n:])
+    assert old.pixel is None and old.probability_for(0.03, 0.04, 32)[1] == "lpips"
 
 
 def test_a_calibration_gives_no_probability_below_the_face_sizes_it_measured() -> None:
