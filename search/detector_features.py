@@ -13,6 +13,12 @@ are learns those. So every image, labelled or queried, goes through the same ste
    face-forensics CNNs;
 4. one identical **re-encode**: JPEG at ``jpeg_quality`` and decoded again, whatever the file was.
 
+Robustness to recompression and downscaling (``Augmentation``): a training image also gives ``copies`` degraded
+copies of its base, each rescaled by a factor drawn from ``scale`` and JPEG-encoded at a quality drawn from
+``jpeg`` (seeded by the image's SHA-256, so a copy is the same whichever subset it is trained in), then made a
+base again as a query would be (``base_image``); both classes get the same draws. The views of a copy are made
+from the same landmarks, scaled.
+
 Features of a view: its CLIP embedding (the store's CLIP model, L2-normalised) and, a family that owes nothing
 to CLIP, its azimuthally averaged log power spectrum (Durall et al. 2020, "Watch your up-convolution": the
 up-sampling of GAN generators leaves a distorted high-frequency spectrum).
@@ -63,16 +69,64 @@ class ViewConfig:
     def from_json(cls, doc: dict[str, Any]) -> ViewConfig:
         return cls(**{k: doc[k] for k in asdict(cls()) if k in doc})
 
-    def key(self, view: str, feature: str, model_key: str) -> str:
-        """The cache key of one feature of one view under this config (and, for CLIP, one model); the settings
-        that do not change a view do not change its key."""
+    def key(self, view: str, feature: str, model_key: str, variant: str = "") -> str:
+        """The cache key of one feature of one view under this config (and, for CLIP, one model; ``variant``: a
+        degraded copy, ``Augmentation.variant``); the settings that do not change a view do not change its key."""
         doc = self.to_json()
         if view == "image":
             doc = {k: v for k, v in doc.items() if k in ("image_px", "jpeg_quality")}
         else:
             doc.pop("image_px")
-        text = json.dumps([view, feature, model_key, doc], sort_keys=True)
+        parts: list[Any] = [view, feature, model_key, doc] + ([variant] if variant else [])
+        text = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The degraded copies each training image adds (``copies`` 0: none); both classes are degraded alike."""
+
+    copies: int = 2
+    jpeg: tuple[int, int] = (40, 95)  # JPEG quality, drawn uniformly (inclusive)
+    scale: tuple[float, float] = (0.5, 1.0)  # rescale factor of the base, drawn uniformly
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.copies <= 8:
+            raise ValueError("copies must be between 0 and 8")
+        if not 10 <= self.jpeg[0] <= self.jpeg[1] <= 100:
+            raise ValueError("jpeg must be a (low, high) quality range within 10-100")
+        if not 0.1 <= self.scale[0] <= self.scale[1] <= 1.0:
+            raise ValueError("scale must be a (low, high) range within 0.1-1")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"copies": self.copies, "jpeg": list(self.jpeg), "scale": list(self.scale), "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Augmentation:
+        return cls(int(doc["copies"]), (int(doc["jpeg"][0]), int(doc["jpeg"][1])),
+                   (float(doc["scale"][0]), float(doc["scale"][1])), int(doc["seed"]))  # fmt: skip
+
+    def variant(self, copy: int) -> str:
+        """What names copy ``copy`` (1 ..  ``copies``) in a cache key: the ranges, the seed and the index."""
+        return json.dumps({**self.to_json(), "copies": None, "copy": copy}, sort_keys=True)
+
+    def params(self, sha256: str, copy: int) -> tuple[float, int]:
+        """(scale, JPEG quality) of copy ``copy`` of the image whose SHA-256 is ``sha256``."""
+        digest = hashlib.sha256(f"{self.seed}:{sha256}:{copy}".encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        scale = round(float(rng.uniform(self.scale[0], self.scale[1])), 4)
+        return scale, int(rng.integers(self.jpeg[0], self.jpeg[1] + 1))
+
+
+def degrade(image: Image.Image, scale: float, quality: int) -> Image.Image:
+    """``image`` rescaled by ``scale`` (antialiased), then JPEG-encoded at ``quality`` and decoded again: what a
+    re-upload does to a picture (figure 3 of the detector benchmark: 0.5, 50)."""
+    rgb = image.convert("RGB")
+    if scale != 1.0:
+        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+    return _jpeg(rgb, quality)
 
 
 def base_image(image: Image.Image) -> Image.Image:
