@@ -64,7 +64,9 @@ def train(
     augment_copies: Annotated[
         int,
         typer.Option(
-            min=0, max=8, help="degraded copies of each training image (JPEG 40-95, 0.5-1x); 0: none"
+            min=0,
+            max=8,
+            help="degraded copies of each training image (JPEG 40-95, longest side 96-256 px); 0: none",
         ),
     ] = 2,
     replace: Annotated[bool, typer.Option("--replace", help="replace a detector of that name")] = False,

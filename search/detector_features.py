@@ -14,10 +14,13 @@ are learns those. So every image, labelled or queried, goes through the same ste
 4. one identical **re-encode**: JPEG at ``jpeg_quality`` and decoded again, whatever the file was.
 
 Robustness to recompression and downscaling (``Augmentation``): a training image also gives ``copies`` degraded
-copies of its base, each rescaled by a factor drawn from ``scale`` and JPEG-encoded at a quality drawn from
-``jpeg`` (seeded by the image's SHA-256, so a copy is the same whichever subset it is trained in), then made a
-base again as a query would be (``base_image``); both classes get the same draws. The views of a copy are made
-from the same landmarks, scaled.
+copies of its base, each downscaled to a longest side drawn from ``side`` (in pixels, never upscaled) and
+JPEG-encoded at a quality drawn from ``jpeg`` (seeded by the image's SHA-256, so a copy is the same whichever
+subset it is trained in), then made a base again as a query would be (``base_image``). The sizes are absolute, not
+factors of the base: the classes come at different sizes (1024/512/256 px GAN faces, 200 px UTKFace crops), and a
+0.5-1x factor left every small, blurred face in training a real one, so a generator downscaled to a profile
+picture was called real; drawn in pixels, both classes' copies have one distribution of sizes. The views of a
+copy are made from the same landmarks, scaled.
 
 Features of a view: its CLIP embedding (the store's CLIP model, L2-normalised) and, a family that owes nothing
 to CLIP, its azimuthally averaged log power spectrum (Durall et al. 2020, "Watch your up-convolution": the
@@ -88,7 +91,10 @@ class Augmentation:
 
     copies: int = 2
     jpeg: tuple[int, int] = (40, 95)  # JPEG quality, drawn uniformly (inclusive)
-    scale: tuple[float, float] = (0.5, 1.0)  # rescale factor of the base, drawn uniformly
+    side: tuple[int, int] = (
+        96,
+        256,
+    )  # the copy's longest side in pixels, drawn uniformly (at most the base's)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -96,27 +102,31 @@ class Augmentation:
             raise ValueError("copies must be between 0 and 8")
         if not 10 <= self.jpeg[0] <= self.jpeg[1] <= 100:
             raise ValueError("jpeg must be a (low, high) quality range within 10-100")
-        if not 0.1 <= self.scale[0] <= self.scale[1] <= 1.0:
-            raise ValueError("scale must be a (low, high) range within 0.1-1")
+        if not 16 <= self.side[0] <= self.side[1] <= 4096:
+            raise ValueError("side must be a (low, high) range of pixels within 16-4096")
 
     def to_json(self) -> dict[str, Any]:
-        return {"copies": self.copies, "jpeg": list(self.jpeg), "scale": list(self.scale), "seed": self.seed}
+        return {"copies": self.copies, "jpeg": list(self.jpeg), "side": list(self.side), "seed": self.seed}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Augmentation:
         return cls(int(doc["copies"]), (int(doc["jpeg"][0]), int(doc["jpeg"][1])),
-                   (float(doc["scale"][0]), float(doc["scale"][1])), int(doc["seed"]))  # fmt: skip
+                   (int(doc["side"][0]), int(doc["side"][1])), int(doc["seed"]))  # fmt: skip
 
     def variant(self, copy: int) -> str:
         """What names copy ``copy`` (1 ..  ``copies``) in a cache key: the ranges, the seed and the index."""
         return json.dumps({**self.to_json(), "copies": None, "copy": copy}, sort_keys=True)
 
-    def params(self, sha256: str, copy: int) -> tuple[float, int]:
-        """(scale, JPEG quality) of copy ``copy`` of the image whose SHA-256 is ``sha256``."""
+    def params(self, sha256: str, copy: int) -> tuple[int, int]:
+        """(longest side, JPEG quality) of copy ``copy`` of the image whose SHA-256 is ``sha256``."""
         digest = hashlib.sha256(f"{self.seed}:{sha256}:{copy}".encode()).digest()
         rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-        scale = round(float(rng.uniform(self.scale[0], self.scale[1])), 4)
-        return scale, int(rng.integers(self.jpeg[0], self.jpeg[1] + 1))
+        side = int(rng.integers(self.side[0], self.side[1] + 1))
+        return side, int(rng.integers(self.jpeg[0], self.jpeg[1] + 1))
+
+    def copy_of(self, base: Image.Image, side: int, quality: int) -> Image.Image:
+        """The degraded copy of ``base`` that ``params`` drew, as a query of it would be seen (``base_image``)."""
+        return base_image(degrade(base, min(1.0, side / max(base.size)), quality))
 
 
 def degrade(image: Image.Image, scale: float, quality: int) -> Image.Image:

@@ -118,7 +118,7 @@ def test_detector_trained_on_collections_separates_unseen_images_and_records_its
     assert "face" not in doc["views"]
     assert set(view["unseen_generator_auc"]) == set(GENERATED)
     assert view["n_generated"] == 10 and view["n_degraded_copies"] == 40  # 20 images, 2 degraded copies each
-    assert doc["options"]["augmentation"] == {"copies": 2, "jpeg": [40, 95], "scale": [0.5, 1.0], "seed": 0}
+    assert doc["options"]["augmentation"] == {"copies": 2, "jpeg": [40, 95], "side": [96, 256], "seed": 0}
     # calibrated on the images and their copies alike (a query may be either)
     assert (
         view["calibration"][view["method"]]["n_generated"] == 30
@@ -295,9 +295,9 @@ def test_search_adds_the_detector_tier_and_says_when_it_is_off(
 def test_degraded_copies_are_seeded_per_image_within_their_ranges() -> None:
     from search.detector_features import Augmentation, degrade
 
-    aug = Augmentation(copies=3, jpeg=(40, 95), scale=(0.5, 1.0), seed=1)
+    aug = Augmentation(copies=3, jpeg=(40, 95), side=(96, 256), seed=1)
     draws = [aug.params(f"{n:064x}", c) for n in range(50) for c in (1, 2, 3)]
-    assert all(0.5 <= s <= 1.0 and 40 <= q <= 95 for s, q in draws)
+    assert all(96 <= s <= 256 and 40 <= q <= 95 for s, q in draws)
     assert len(set(draws)) > 40  # drawn, not one setting for all
     assert aug.params("ab" * 32, 2) == Augmentation(copies=2, seed=1).params(
         "ab" * 32, 2
@@ -306,6 +306,10 @@ def test_degraded_copies_are_seeded_per_image_within_their_ranges() -> None:
     assert aug.variant(1) != aug.variant(2) and aug.variant(1) == Augmentation(copies=1, seed=1).variant(1)
     small = degrade(synthetic_photo(3, (200, 120)), 0.5, 50)
     assert small.size == (100, 60) and small.mode == "RGB"
+    # sizes in pixels, whatever the class's own size (never upscaled): no "small means real" to learn
+    assert aug.copy_of(synthetic_photo(4, (512, 512)), 150, 60).size == (150, 150)
+    assert aug.copy_of(synthetic_photo(5, (200, 160)), 150, 60).size == (150, 120)
+    assert aug.copy_of(synthetic_photo(6, (200, 200)), 230, 60).size == (200, 200)
     with pytest.raises(ValueError):
         Augmentation(jpeg=(95, 40))
     assert Augmentation.from_json(aug.to_json()) == aug
@@ -337,7 +341,7 @@ def test_training_features_add_degraded_copies_of_each_image_once(corpus: tuple[
     )
     assert "degraded" not in off.scope()
     on = train_detector(settings, store, clip, "aug", generated=GENERATED, real=REAL, save=False)
-    assert "each image also degraded 2x (JPEG 40-95, 0.5-1x)" in on.scope()
+    assert "each image also degraded 2x (JPEG 40-95, 96-256 px)" in on.scope()
     store.dispose()
 
 
