@@ -213,14 +213,16 @@ def test_cli_trains_lists_shows_detects_and_removes(corpus: tuple[Settings, str]
     data = ["--data-dir", str(settings.data_dir)]
     clip = ["--clip-model", model_id]
     result = runner.invoke(app, ["detectors", "train", "cli", "--generated", "gan_a,gan_b", "--real", "real_a",
-                                 "--real", "real_b", "--method", "probe", "--replace", *clip, *data, "--json"])  # fmt: skip
+                                 "--real", "real_b", "--method", "probe", "--augment-copies", "1", "--replace", *clip,
+                                 *data, "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["views"]["image"]["method"] == "probe" and doc["training"]["real"] == ["real_a", "real_b"]
+    assert doc["options"]["augmentation"]["copies"] == 1 and doc["views"]["image"]["n_degraded_copies"] == 40
     listed = json.loads(runner.invoke(app, ["detectors", "list", "--json", *data]).stdout)
     assert "cli" in [d["name"] for d in listed["detectors"]]
     shown = runner.invoke(app, ["detectors", "show", "cli", *data])
-    assert shown.exit_code == 0 and "calibration platt" in shown.stdout
+    assert shown.exit_code == 0 and "calibration platt" in shown.stdout and "degraded 1x" in shown.stdout
     query = tmp_path / "q.png"
     generated_like(42).save(query)
     out = runner.invoke(app, ["detect", str(query), "--detector", "cli", *clip, *data, "--json"])
