@@ -61,6 +61,14 @@ def train(
     calibration: Annotated[Literal["platt", "isotonic"], typer.Option(help="how scores become p")] = "platt",
     k: Annotated[int, typer.Option(min=1, max=100, help="neighbours of the kNN vote")] = 10,
     clahe: Annotated[bool, typer.Option("--clahe", help="CLAHE (L of LAB) on the face crop")] = False,
+    augment_copies: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=8,
+            help="degraded copies of each training image (JPEG 40-95, longest side 96-256 px); 0: none",
+        ),
+    ] = 2,
     replace: Annotated[bool, typer.Option("--replace", help="replace a detector of that name")] = False,
     clip_model: ClipOpt = None,
     face_detector: FaceDetectorOpt = None,
@@ -70,11 +78,12 @@ def train(
     """Train a detector from labelled collections of the store (features cached: retraining takes seconds)."""
     from indexer.store.db import open_store
     from search.detector import TrainOptions, train_detector
-    from search.detector_features import ViewConfig
+    from search.detector_features import Augmentation, ViewConfig
 
     settings = settings_for(data_dir, clip_model, face_detector=face_detector)
     embedder = _need_clip(settings)
-    options = TrainOptions(method=method, calibration=calibration, k=k, views=ViewConfig(clahe=clahe))
+    options = TrainOptions(method=method, calibration=calibration, k=k, views=ViewConfig(clahe=clahe),
+                           augment=Augmentation(copies=augment_copies))  # fmt: skip
     store = open_store(settings)
     started = time.perf_counter()
 
@@ -101,8 +110,10 @@ def _print_views(doc: dict[str, Any]) -> None:
         aucs = ", ".join(f"{m} {a}" for m, a in v["out_of_source_auc"].items())
         out.print(f"  {view} view: {v['n_generated']} generated / {v['n_real']} real; method {v['method']}; "
                   f"AUC on held-out sources: {aucs}", highlight=False)  # fmt: skip
+        degraded = v.get("degraded_copies", {}).get("unseen_generator_auc", {})
         for gen, a in v["unseen_generator_auc"].items():
-            out.print(f"    {gen} unseen: AUC {a[v['method']]}", highlight=False)
+            extra = f" (its degraded copies: {degraded[gen][v['method']]})" if gen in degraded else ""
+            out.print(f"    {gen} unseen: AUC {a[v['method']]}{extra}", highlight=False)
         cal = v["calibration"][v["method"]]
         out.print(f"    calibration {cal['kind']} on {cal['n_generated']} generated / {cal['n_real']} real "
                   f"(held-out-source scores); abstains below kNN cosine {v['ood_similarity']}", highlight=False)  # fmt: skip

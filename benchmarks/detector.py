@@ -11,9 +11,12 @@ source; resumable, skipped when done), the detector's normalised views are compu
 
 1. ROC AUC generated vs real faces on a held-out, seeded half of every source.
 2. Leave-one-generator-out: trained without one GAN source, tested on it against unseen real faces.
-3. Figures 1 and 2 again after JPEG 50 + 0.5x resize of every test image.
+3. Figures 1 and 2 again after JPEG 50 + 0.5x resize of every test image (degraded as a query, from the original
+   file; never trained on), by detectors trained with degraded copies of their training images (the default) and,
+   for comparison, without them.
 4. Real faces from a source left out of training (UTKFace only as the real class, tested on deepface_tests, and
-   the other way round): AUC and the share of those real faces called generated (p >= 0.5) or abstained on.
+   the other way round): AUC and the share of those real faces called generated (p >= 0.5) or abstained on,
+   also at other out-of-distribution bounds (``OOD_QUANTILES``): how much of the figure is abstention.
 5. Generic photos (held-out BSDS500, scikit-image) called generated faces at p >= 0.5.
 6. The CLAHE/LAB normalisation of the face crop as an option: figures 1-5 with it.
 7. ``detect`` of 100 indexed images (their views cached): seconds in all, per-image time.
@@ -25,13 +28,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import random
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,7 @@ GENERATED = ("tpdne_2022", "stylegan3_r_ffhq", "boredhumans_basemax")
 # Images per source (seeded draw; the machine the figures were measured on embeds about one view a second).
 PER_SOURCE = {"tpdne_2022": 60, "stylegan3_r_ffhq": 60, "boredhumans_basemax": 60, "utkface": 120,
               "deepface_tests": 32, "bsds500": 60, "skimage": 9}  # fmt: skip
+OOD_QUANTILES = (0.0, 0.02, 0.05)  # figure 4 also at these out-of-distribution bounds (the default: 0.1)
 IMAGE_VIEW_PER_FACE_SOURCE = (
     24  # whole-image views of face images (generic photos: all), to bound the embedding
 )
@@ -128,21 +132,20 @@ def _split(store: Any, seed: int) -> tuple[dict[int, str], set[int], set[int], d
 
 
 def _by_image(feats: dict[str, Any]) -> dict[int, Features]:
+    """The features of each image as stored (its degraded training copies left out)."""
     out: dict[int, Features] = {}
     for view, f in feats.items():
         for n, i in enumerate(f.ids):
-            out.setdefault(i, {})[view] = (f.clip[n], f.spec[n])
+            if f.copy[n] == 0:
+                out.setdefault(i, {})[view] = (f.clip[n], f.spec[n])
     return out
 
 
 def degrade(image: Image.Image) -> Image.Image:
     """What figure 3 does to every test image: 0.5x (antialiased), then JPEG quality 50."""
-    small = image.resize((max(1, image.width // 2), max(1, image.height // 2)), Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    small.convert("RGB").save(buf, format="JPEG", quality=50)
-    buf.seek(0)
-    with Image.open(buf) as im:
-        return im.convert("RGB")
+    from search.detector_features import degrade as degrade_by
+
+    return degrade_by(image, 0.5, 50)
 
 
 def degraded_features(
@@ -246,6 +249,7 @@ def run_figures(
 ) -> None:  # fmt: skip
     """Figures 1-5 under one view configuration."""
     from search.detector import TrainOptions, stored_features, train_detector
+    from search.detector_features import Augmentation
 
     collection, train, test, path = split
     ids = sorted(collection)
@@ -256,21 +260,23 @@ def run_figures(
         mine = sorted(i for i in ids if collection[i] == name)
         image_ids += rng.permutation(mine)[:IMAGE_VIEW_PER_FACE_SOURCE].tolist()
     report = lambda a, b: print(f"  views {a}/{b}", flush=True)  # noqa: E731
+    opts = TrainOptions(views=config)
     computed = stored_features(settings, store, embedder, config, ids, face_detector=detector, progress=report,
-                               views=["face"])  # fmt: skip
+                               views=["face"], augment=opts.augment)  # fmt: skip
     computed |= stored_features(settings, store, embedder, config, sorted(image_ids), progress=report,
-                                views=["image"])  # fmt: skip
+                                views=["image"], augment=opts.augment)  # fmt: skip
     feats = _by_image(computed)
     figures.setdefault("_both_views", set()).update(image_ids)
-    print(f"[{label}] views of {len(ids)} images ready ({time.perf_counter() - started:.0f} s)", flush=True)
-    opts = TrainOptions(views=config)
+    print(f"[{label}] views of {len(ids)} images (and {opts.augment.copies} degraded copies of each) ready "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
     of = lambda names, part: sorted(i for i in part if collection[i] in names)  # noqa: E731
     real_faces = ("utkface", "deepface_tests")
     out: dict[str, Any] = {}
 
-    def fit(generated: tuple[str, ...], real: tuple[str, ...], part: set[int]) -> Any:
+    def fit(generated: tuple[str, ...], real: tuple[str, ...], part: set[int], **changes: Any) -> Any:
         return train_detector(settings, store, embedder, f"bench-{label}", generated=list(generated),
-                              real=list(real), options=opts, save=False, image_ids=part, features=computed)  # fmt: skip
+                              real=list(real), options=replace(opts, **changes), save=False, image_ids=part,
+                              features=computed)  # fmt: skip
 
     main_det = fit(GENERATED, (*real_faces, "bsds500"), train)
     methods = ", ".join(
@@ -290,12 +296,28 @@ def run_figures(
         out["2_leave_one_generator_out"][g] = m = measure(r, of((g,), ids), of(real_faces, test))
         print(line(f"[{label}] 2. without {g}", m), flush=True)
         figures.setdefault("_logo_detectors", {})[(label, g)] = det
+        # the same without degraded copies (for figure 3's comparison; the copies' features are cached)
+        figures["_logo_detectors"][(label, g, "plain")] = fit(
+            tuple(x for x in GENERATED if x != g),
+            (*real_faces, "bsds500"),
+            train,
+            augment=Augmentation(copies=0),
+        )
+    figures.setdefault("_main_detectors", {})[(label, "plain")] = fit(
+        GENERATED, (*real_faces, "bsds500"), train, augment=Augmentation(copies=0)
+    )
     for left_out, kept in (("deepface_tests", "utkface"), ("utkface", "deepface_tests")):
         part = set(of((*GENERATED, "bsds500"), train)) | set(of((kept,), ids))
         det = fit(GENERATED, (kept, "bsds500"), part)
         r = score_all(det, feats, of(GENERATED, test) + of((left_out,), ids))
         out[f"4_real_left_out_{left_out}"] = m = measure(r, of(GENERATED, test), of((left_out,), ids))
         print(line(f"[{label}] 4. real = {kept} (+bsds500), tested on {left_out}", m), flush=True)
+        for q in OOD_QUANTILES:  # how much of figure 4 is abstention: the out-of-distribution bound varied
+            det_q = fit(GENERATED, (kept, "bsds500"), part, ood_quantile=q)
+            m = measure(score_all(det_q, feats, of(GENERATED, test) + of((left_out,), ids)),
+                        of(GENERATED, test), of((left_out,), ids))  # fmt: skip
+            out[f"4_real_left_out_{left_out}_ood_quantile_{q}"] = m
+            print(line(f"[{label}] 4. ... tested on {left_out}, ood_quantile {q}", m), flush=True)
     figures[label] = out
     figures.setdefault("_main_detectors", {})[label] = main_det
 
@@ -312,17 +334,23 @@ def figure3(
     print(
         f"[{label}] degraded views of {len(test_ids)} test images ready ({time.perf_counter() - started:.0f} s)"
     )
-    main_det = figures["_main_detectors"][label]
-    out = {
-        "1_held_out": measure(score_all(main_det, deg, test_ids), of(GENERATED, test), of(real_faces, test))
-    }
-    print(line(f"[{label}] 3. JPEG 50 + 0.5x: held-out half", out["1_held_out"]), flush=True)
-    for g in GENERATED:
-        det = figures["_logo_detectors"][(label, g)]
-        m = measure(score_all(det, deg, test_ids), of((g,), test), of(real_faces, test))
-        out[f"2_without_{g}"] = m
-        print(line(f"[{label}] 3. JPEG 50 + 0.5x: without {g} (its held-out half)", m), flush=True)
-    figures[label]["3_degraded"] = out
+    for variant, key, title in (
+        ("", "3_degraded", ""),
+        ("plain", "3_degraded_no_augmentation", " (no copies)"),
+    ):
+        main_det = figures["_main_detectors"][(label, variant) if variant else label]
+        out = {
+            "1_held_out": measure(
+                score_all(main_det, deg, test_ids), of(GENERATED, test), of(real_faces, test)
+            )
+        }
+        print(line(f"[{label}] 3. JPEG 50 + 0.5x{title}: held-out half", out["1_held_out"]), flush=True)
+        for g in GENERATED:
+            det = figures["_logo_detectors"][(label, g, variant) if variant else (label, g)]
+            m = measure(score_all(det, deg, test_ids), of((g,), test), of(real_faces, test))
+            out[f"2_without_{g}"] = m
+            print(line(f"[{label}] 3. JPEG 50 + 0.5x{title}: without {g}", m), flush=True)
+        figures[label][key] = out
 
 
 def figure7(

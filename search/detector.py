@@ -50,7 +50,15 @@ from indexer.ingest import thumbnail_path
 from indexer.settings import Settings
 from indexer.store.db import Store
 from indexer.store.models import Collection, DetectorFeature, DetectorRecord, Face, Image, Sighting
-from search.detector_features import VIEWS, ViewConfig, base_image, face_view, image_view, spectrum
+from search.detector_features import (
+    VIEWS,
+    Augmentation,
+    ViewConfig,
+    base_image,
+    face_view,
+    image_view,
+    spectrum,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,7 @@ METHODS = ("probe", "knn", "spectrum", "ensemble")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 GENERATED_P = 0.5  # p(generated) at or above which a detector's call is "generated"
 FEATURE_BATCH = 32
+FEATURES = ("clip", "spectrum")
 KNN_SCALE = 20.0  # the kNN score is a cosine difference: scaled to about the probes' logit range
 MIN_FACE_SCORE = 0.9  # MTCNN's O-Net score of a face the detector looks at (indexer.faces.describe_faces's)
 
@@ -80,12 +89,18 @@ class TrainOptions:
     calibration: str = "platt"  # platt | isotonic
     k: int = 10
     probe_c: float = 5.0  # inverse L2 strength of the probes (eval-v1: 0.05-20 tried, 5-20 best held out)
-    # A query whose kNN similarity to the training images is below this quantile of the training images' own
-    # (each left out in turn) is out of distribution. eval-v1 (README "Detector"): at 0.01 a real source left out of
-    # training was called generated for 19 % of its faces, at 0.05 13 % (half abstained), at 0.1 6 % (84 %
-    # abstained), while a quarter of held-out faces of the trained-on sources then abstain.
+    # A query whose kNN similarity to the training images is below this quantile of the training images' own (as
+    # stored, each with its copies left out in turn) is out of distribution. eval-v1 with degraded copies (README
+    # "Detector"): at 0.02 a real source left out of training was called generated for 16 % of its faces (25 %
+    # abstained), at 0.05 6 % (66 % abstained), at 0.1 0 % (88 % abstained), while a fifth of held-out faces of the
+    # trained-on sources then abstain.
     ood_quantile: float = 0.1
     views: ViewConfig = field(default_factory=ViewConfig)
+    # Degraded copies of every training image (JPEG 40-95, longest side 96-256 px; ``search.detector_features``):
+    # in the probe, the kNN bank, the spectrum model and the calibration alike, so that a recompressed, downscaled
+    # query is scored like what the detector saw (eval-v1 without them: a left-out generator after JPEG 50 + 0.5x,
+    # AUC 0.81; with them 0.92).
+    augment: Augmentation = field(default_factory=Augmentation)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,9 +118,10 @@ class ViewFeatures:
     """Features of one view of some images: rows in the order of ``ids`` (``None`` rows: the view is missing,
     e.g. no face)."""
 
-    ids: list[int]
+    ids: list[int]  # an image's degraded copies repeat its id
     clip: np.ndarray  # [n, D] L2-normalised
     spec: np.ndarray  # [n, SPECTRUM_BINS]
+    copy: np.ndarray  # [n] int: 0 the image as stored, c >= 1 its c-th degraded copy (``Augmentation``)
 
 
 @dataclass
@@ -154,28 +170,37 @@ def query_views(image: PILImage.Image, config: ViewConfig, face_detector: Any | 
 
 
 def _stored_views(
-    settings: Settings, image: Image, face: Face | None, config: ViewConfig, face_detector: Any | None
-) -> dict[str, Any]:
-    """The views of an indexed image from its stored thumbnail, its face from the stored landmarks or, without
-    them, found by ``face_detector`` in the thumbnail (None: no face)."""
+    settings: Settings, image: Image, face: Face | None, config: ViewConfig, face_detector: Any | None,
+    copies: Iterable[int], augment: Augmentation | None,
+) -> dict[int, dict[str, Any]]:  # fmt: skip
+    """The views of an indexed image from its stored thumbnail, per copy of ``copies`` (0: the thumbnail, c >= 1:
+    its c-th degraded copy by ``augment``), its face from the stored landmarks or, without them, found by
+    ``face_detector`` in the thumbnail (None: no face)."""
     path = thumbnail_path(settings, image.sha256)
     if not path.is_file():
         raise SleuthError(f"image {image.id} has no stored thumbnail ({path}): re-ingest it")
     with PILImage.open(path) as thumb:
-        base = thumb.convert("RGB")
-    views: dict[str, Any] = {"image": image_view(base, config), "face": None}
+        thumb_rgb = thumb.convert("RGB")
     landmarks = None
     if face is not None:
-        sx, sy = base.width / image.width, base.height / image.height
+        sx, sy = thumb_rgb.width / image.width, thumb_rgb.height / image.height
         landmarks = [[x * sx, y * sy] for x, y in face.landmarks]
     elif face_detector is not None:
-        landmarks = _face_landmarks(base, face_detector)[0]
-    if landmarks is not None:
-        try:
-            views["face"] = face_view(base, landmarks, config)
-        except ValueError as exc:
-            log.warning("image %s: stored face not aligned for the detector: %s", image.id, exc)
-    return views
+        landmarks = _face_landmarks(thumb_rgb, face_detector)[0]
+    out: dict[int, dict[str, Any]] = {}
+    for copy in copies:
+        base = thumb_rgb
+        if copy and augment is not None:
+            base = augment.copy_of(thumb_rgb, *augment.params(image.sha256, copy))
+        views: dict[str, Any] = {"image": image_view(base, config), "face": None}
+        if landmarks is not None:
+            r = base.width / thumb_rgb.width
+            try:
+                views["face"] = face_view(base, [[x * r, y * r] for x, y in landmarks], config)
+            except ValueError as exc:
+                log.warning("image %s: stored face not aligned for the detector: %s", image.id, exc)
+        out[copy] = views
+    return out
 
 
 def _embed(embedder: Any, images: list[PILImage.Image]) -> np.ndarray:
@@ -196,12 +221,17 @@ def view_features(
 def stored_features(
     settings: Settings, store: Store, embedder: Any, config: ViewConfig, image_ids: Sequence[int],
     *, face_detector: Any | None = None, progress: Callable[[int, int], None] | None = None,
-    views: Sequence[str] = VIEWS,
+    views: Sequence[str] = VIEWS, augment: Augmentation | None = None,
 ) -> dict[str, ViewFeatures]:  # fmt: skip
-    """Per view, the features of ``image_ids`` (those that have the view), computed once from the stored
-    thumbnails and landmarks and cached in the ``detector_features`` table (retraining then takes seconds).
-    Images stored without faces get theirs from ``face_detector`` (without one they have no face view)."""
-    keys = {(v, f): config.key(v, f, embedder.model_key) for v in views for f in ("clip", "spectrum")}
+    """Per view, the features of ``image_ids`` (those that have the view) and of their ``augment`` degraded
+    copies, computed once from the stored thumbnails and landmarks and cached in the ``detector_features`` table
+    (retraining then takes seconds). Images stored without faces get theirs from ``face_detector`` (without one
+    they have no face view)."""
+    copies = range(1 + (augment.copies if augment is not None else 0))
+    keys = {
+        (v, f, c): config.key(v, f, embedder.model_key, augment.variant(c) if augment and c else "")
+        for v in views for f in FEATURES for c in copies
+    }  # fmt: skip
     wanted = list(dict.fromkeys(int(i) for i in image_ids))
     cached: dict[tuple[int, str], bytes] = {}
     with store.session() as s:
@@ -213,33 +243,36 @@ def stored_features(
                 )
             ).all()
             cached.update({(int(i), k): bytes(v) for i, k, v in rows})
-    missing = [i for i in wanted if any((i, keys[(v, "clip")]) not in cached for v in views)]
+    missing = [i for i in wanted if any((i, k) not in cached for k in keys.values())]
     for start in range(0, len(missing), FEATURE_BATCH):
         batch = missing[start : start + FEATURE_BATCH]
-        _compute_batch(settings, store, embedder, config, batch, keys, cached, face_detector)
+        _compute_batch(settings, store, embedder, config, batch, keys, cached, face_detector, augment)
         if progress is not None:
             progress(min(start + FEATURE_BATCH, len(missing)), len(missing))
     out: dict[str, ViewFeatures] = {}
     for v in views:
-        ids, clips, specs = [], [], []
+        ids, copy, clips, specs = [], [], [], []
         for i in wanted:
-            raw = cached.get((i, keys[(v, "clip")]), b"")
-            if raw:
-                ids.append(i)
-                clips.append(np.frombuffer(raw, np.float32))
-                specs.append(np.frombuffer(cached[(i, keys[(v, "spectrum")])], np.float32))
-        dim = embedder.dim
+            for c in copies:
+                raw = cached.get((i, keys[(v, "clip", c)]), b"")
+                if raw:
+                    ids.append(i)
+                    copy.append(c)
+                    clips.append(np.frombuffer(raw, np.float32))
+                    specs.append(np.frombuffer(cached[(i, keys[(v, "spectrum", c)])], np.float32))
         out[v] = ViewFeatures(
             ids=ids,
-            clip=np.stack(clips) if clips else np.empty((0, dim), np.float32),
+            clip=np.stack(clips) if clips else np.empty((0, embedder.dim), np.float32),
             spec=np.stack(specs) if specs else np.empty((0, 0), np.float32),
+            copy=np.asarray(copy, np.int64),
         )
     return out
 
 
 def _compute_batch(
     settings: Settings, store: Store, embedder: Any, config: ViewConfig, batch: list[int],
-    keys: Mapping[tuple[str, str], str], cached: dict[tuple[int, str], bytes], face_detector: Any | None,
+    keys: Mapping[tuple[str, str, int], str], cached: dict[tuple[int, str], bytes], face_detector: Any | None,
+    augment: Augmentation | None,
 ) -> None:  # fmt: skip
     with store.session() as s:
         images = {i.id: i for i in s.execute(select(Image).where(Image.id.in_(batch))).scalars()}
@@ -247,31 +280,41 @@ def _compute_batch(
         for face in s.execute(select(Face).where(Face.image_id.in_(batch))).scalars():
             if face.image_id not in faces or face.score > faces[face.image_id].score:
                 faces[face.image_id] = face
-    views = sorted({v for v, _ in keys})
-    todo = {v: [i for i in batch if i in images and (i, keys[(v, "clip")]) not in cached] for v in views}
-    need = sorted({i for ids in todo.values() for i in ids})
-    detector = face_detector if todo.get("face") else None
-    made = {i: _stored_views(settings, images[i], faces.get(i), config, detector) for i in need}
+    todo = {
+        (v, c): [i for i in batch if i in images and (i, keys[(v, "clip", c)]) not in cached]
+        for v, _, c in keys
+    }
+    need: dict[int, set[int]] = {}
+    for (_, c), ids in todo.items():
+        for i in ids:
+            need.setdefault(i, set()).add(c)
+    detector = face_detector if any(ids for (v, _), ids in todo.items() if v == "face") else None
+    made = {
+        i: _stored_views(settings, images[i], faces.get(i), config, detector,
+                         sorted(cs), augment)
+        for i, cs in need.items()
+    }  # fmt: skip
     rows: list[DetectorFeature] = []
-    for v in views:
-        have = [i for i in todo[v] if made[i].get(v) is not None]
-        clip = _embed(embedder, [made[i][v] for i in have])
+    for (v, c), ids in todo.items():
+        have = [i for i in ids if made[i][c].get(v) is not None]
+        clip = _embed(embedder, [made[i][c][v] for i in have])
         for n, i in enumerate(have):
-            for f, vec in (("clip", clip[n]), ("spectrum", spectrum(made[i][v]))):
-                cached[(i, keys[(v, f)])] = vec.astype(np.float32).tobytes()
-        for i in todo[v]:  # a missing view is cached as empty so it is not looked for again
-            if made[i].get(v) is None:
-                for f in ("clip", "spectrum"):
-                    cached[(i, keys[(v, f)])] = b""
-            rows += [DetectorFeature(image_id=i, feature_key=keys[(v, f)], vector=cached[(i, keys[(v, f)])])
-                     for f in ("clip", "spectrum")]  # fmt: skip
+            for f, vec in (("clip", clip[n]), ("spectrum", spectrum(made[i][c][v]))):
+                cached[(i, keys[(v, f, c)])] = vec.astype(np.float32).tobytes()
+        for i in ids:  # a missing view is cached as empty so it is not looked for again
+            if made[i][c].get(v) is None:
+                for f in FEATURES:
+                    cached[(i, keys[(v, f, c)])] = b""
+            rows += [DetectorFeature(image_id=i, feature_key=keys[(v, f, c)], vector=cached[(i, keys[(v, f, c)])])
+                     for f in FEATURES]  # fmt: skip
     with store.session() as s:
         s.add_all(rows)
 
 
-def _subset(f: ViewFeatures, ids: set[int]) -> ViewFeatures:
-    rows = [n for n, i in enumerate(f.ids) if i in ids]
-    return ViewFeatures(ids=[f.ids[n] for n in rows], clip=f.clip[rows], spec=f.spec[rows])
+def _subset(f: ViewFeatures, ids: set[int], copies: int) -> ViewFeatures:
+    """The rows of ``ids`` and of their first ``copies`` degraded copies."""
+    rows = [n for n, i in enumerate(f.ids) if i in ids and f.copy[n] <= copies]
+    return ViewFeatures(ids=[f.ids[n] for n in rows], clip=f.clip[rows], spec=f.spec[rows], copy=f.copy[rows])
 
 
 # --- the training set ---------------------------------------------------------------------------------
@@ -399,9 +442,12 @@ class ViewModel:
         )  # fmt: skip
 
 
-def _folds(groups: np.ndarray, y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
-    """(train, test, what) index sets: each source collection held out in turn; a collection that is the only
-    one of its class is split in five (held out by fifths, ``what`` says so)."""
+def _folds(
+    groups: np.ndarray, y: np.ndarray, seed: int, images: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """(train, test, what) row sets: each source collection held out in turn; a collection that is the only
+    one of its class is split in five by image (held out by fifths, ``what`` says so), so that an image and its
+    degraded copies (rows of one ``images`` id) are never on both sides."""
     rng = np.random.default_rng(seed)
     folds = []
     for name in sorted(set(groups.tolist())):
@@ -411,8 +457,9 @@ def _folds(groups: np.ndarray, y: np.ndarray, seed: int) -> list[tuple[np.ndarra
         if (y[rest] == cls).any() and (y[rest] == 1 - cls).any():
             folds.append((rest, test, f"{name} held out"))
             continue
-        shuffled = rng.permutation(test)
-        for part in np.array_split(shuffled, min(5, len(test))):
+        members = rng.permutation(np.unique(images[test]))
+        for chosen in np.array_split(members, min(5, len(members))):
+            part = np.flatnonzero(np.isin(images, chosen))
             folds.append((np.setdiff1d(np.arange(len(y)), part), part, f"{name} held out by fifths"))
     return folds
 
@@ -472,29 +519,52 @@ class Calibration:
         )  # fmt: skip
 
 
-def _loo_similarity(model: ViewModel, clip: np.ndarray) -> np.ndarray:
-    """Each training image's kNN similarity to the other training images (itself left out): how close what the
-    detector was trained on lies to the rest of it."""
-    sims = clip @ model.bank.T  # [n, n]: the bank is these images, in this order
-    np.fill_diagonal(sims, -np.inf)
+def _loo_similarity(model: ViewModel, clip: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """Each training row's kNN similarity to the other training images (itself and its copies, the rows of its
+    ``images`` id, left out): how close what the detector was trained on lies to the rest of it."""
+    sims = clip @ model.bank.T  # [n, n]: the bank is these rows, in this order
+    same = images[:, None] == images[None, :]  # [n, n]
+    sims[same] = -np.inf
     near = []
     for cls in (0, 1):
         of_class = sims[:, model.bank_labels == cls]
-        k = min(model.k, of_class.shape[1] - 1)
+        k = max(1, min(model.k, of_class.shape[1] - int(np.isinf(of_class).sum(axis=1).max())))
         near.append(-np.partition(-of_class, k - 1, axis=1)[:, :k].mean(axis=1))
     return np.maximum(near[0], near[1])  # [n]
+
+
+def _held_out_figures(
+    y: np.ndarray, groups: np.ndarray, oof: Mapping[str, np.ndarray], p: np.ndarray, rows: np.ndarray
+) -> dict[str, Any]:
+    """Of the out-of-source scores of ``rows`` (a mask): each method's AUC, per generated source against all
+    real rows, and the share of each class called generated."""
+    y, groups, p = y[rows], groups[rows], p[rows]
+    scores = {m: oof[m][rows] for m in METHODS}
+    real = y == 0
+    unseen = {}
+    for name in sorted(set(groups[~real].tolist())):
+        mask = (groups == name) | real
+        unseen[name] = {m: _auc(y[mask], scores[m][mask]) for m in METHODS}
+    return {
+        "out_of_source_auc": {m: _auc(y, scores[m]) for m in METHODS}, "unseen_generator_auc": unseen,
+        "out_of_source_called_generated": {"generated": round(float((p[~real] >= GENERATED_P).mean()), 4),
+                                           "real": round(float((p[real] >= GENERATED_P).mean()), 4)},
+    }  # fmt: skip
 
 
 def _fit_view(
     feats: ViewFeatures, ts: TrainingSet, opts: TrainOptions
 ) -> tuple[ViewModel, dict[str, Any]] | None:
-    """The methods of one view fitted on every image that has it, with their out-of-source figures."""
+    """The methods of one view fitted on every image that has it and its degraded copies, with their
+    out-of-source figures (on the images as stored, and apart on the degraded copies)."""
     y = np.array([ts.labels[i] for i in feats.ids], dtype=np.int64)
     groups = np.array([ts.collection[i] for i in feats.ids])
-    if len(feats.ids) < 4 or y.sum() < 2 or (1 - y).sum() < 2:
+    images = np.asarray(feats.ids, np.int64)
+    stored = feats.copy == 0
+    if stored.sum() < 4 or y[stored].sum() < 2 or (1 - y[stored]).sum() < 2:
         return None
     oof = {m: np.zeros(len(y)) for m in ("probe", "knn", "spectrum", "similarity")}
-    folds = _folds(groups, y, opts.seed)
+    folds = _folds(groups, y, opts.seed, images)
     for train, test, _ in folds:
         if len(set(y[train].tolist())) < 2:
             continue
@@ -506,29 +576,27 @@ def _fit_view(
     s_coef, s_b = _fit_logistic(stacked, y, 1.0)
     model.stack_coef, model.stack_intercept = [float(v) for v in s_coef], s_b
     oof["ensemble"] = model.stack(oof)
-    aucs = {m: _auc(y, oof[m]) for m in METHODS}
     method = opts.method
     if method == "auto":  # the best unseen-source AUC; a tie goes to the simpler method (earlier in METHODS)
-        method = max(METHODS, key=lambda m: (aucs[m] or 0.0, -METHODS.index(m)))
+        aucs = {m: _auc(y[stored], oof[m][stored]) or 0.0 for m in METHODS}
+        method = max(METHODS, key=lambda m: (aucs[m], -METHODS.index(m)))
+    # calibrated on the stored images and their degraded copies together: the p of a query, either way
     calibrations = {m: Calibration.fit(opts.calibration, oof[m], y).to_json() for m in METHODS}
-    real = y == 0
-    unseen = {}
-    for name in sorted(set(groups[y == 1].tolist())):
-        mask = (groups == name) | real
-        unseen[name] = {m: _auc(y[mask], oof[m][mask]) for m in METHODS}
     p_oof = Calibration.from_json(calibrations[method])(oof[method])
+    loo = _loo_similarity(model, feats.clip, images)  # [n], each row against the others' rows
     doc = {
-        "n": len(y), "n_generated": int(y.sum()), "n_real": int(real.sum()), "k": opts.k,
-        "method": method, "out_of_source_auc": aucs, "unseen_generator_auc": unseen,
+        "n": int(stored.sum()), "n_generated": int(y[stored].sum()), "n_real": int((y[stored] == 0).sum()),
+        "n_degraded_copies": int((~stored).sum()), "k": opts.k, "method": method,
+        **_held_out_figures(y, groups, oof, p_oof, stored),
         "folds": sorted({what for _, _, what in folds}), "calibration": calibrations,
         "stack": {"coef": model.stack_coef, "intercept": model.stack_intercept},
-        "ood_similarity": round(float(np.quantile(_loo_similarity(model, feats.clip), opts.ood_quantile)), 5),
-        "held_out_source_similarity_quantile": round(float(np.quantile(oof["similarity"], opts.ood_quantile)), 5),
-        "out_of_source_called_generated": {
-            "generated": round(float((p_oof[~real] >= GENERATED_P).mean()), 4),
-            "real": round(float((p_oof[real] >= GENERATED_P).mean()), 4),
-        },
+        # the bound: a quantile over the images as stored (not their copies: blurred copies lie closer to one
+        # another, which raised the bound and made sharp in-distribution queries abstain)
+        "ood_similarity": round(float(np.quantile(loo[stored], opts.ood_quantile)), 5),
+        "held_out_source_similarity_quantile": round(float(np.quantile(oof["similarity"][stored], opts.ood_quantile)), 5),
     }  # fmt: skip
+    if (~stored).any():
+        doc["degraded_copies"] = _held_out_figures(y, groups, oof, p_oof, ~stored)
     return model, doc
 
 
@@ -546,13 +614,16 @@ class Detector:
     def scope(self) -> str:
         """What the detector was trained on and what it measured, in words."""
         t = self.doc["training"]
-        view = "face" if "face" in self.models else "image"
+        view = "face" if "face" in self.doc["views"] else "image"
         v = self.doc["views"][view]
         aucs = [a[v["method"]] for a in v["unseen_generator_auc"].values() if a.get(v["method"]) is not None]
         measured = (f"; measured AUC on unseen generators {min(aucs):.2f}" + (f"-{max(aucs):.2f}" if len(aucs) > 1 else "")
                     + f" ({view} view, {len(aucs)} generator(s) held out in turn)") if aucs else ""  # fmt: skip
+        aug = self.doc["options"].get("augmentation") or {"copies": 0}
+        copies = (f", each image also degraded {aug['copies']}x (JPEG {aug['jpeg'][0]}-{aug['jpeg'][1]}, "
+                  f"{aug['side'][0]}-{aug['side'][1]} px)") if aug["copies"] else ""  # fmt: skip
         return (f"trained on {', '.join(t['generated'])} (generated, {t['n_generated']} images) against "
-                f"{', '.join(t['real'])} (real, {t['n_real']} images){measured}")  # fmt: skip
+                f"{', '.join(t['real'])} (real, {t['n_real']} images){copies}{measured}")  # fmt: skip
 
     def score(self, features: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
         """p(generated) and per-method scores of one image from its view features; the face view decides when
@@ -630,12 +701,11 @@ def train_detector(
         ts.ids = [i for i in ts.ids if i in keep]
         ts.counts = {c: sum(1 for i in ts.ids if ts.collection[i] == c) for c in ts.counts}
     if features is None:
-        feats = stored_features(
-            settings, store, embedder, opts.views, ts.ids, face_detector=face_detector, progress=progress
-        )
-    else:  # precomputed (``stored_features`` of these or more images, maybe of fewer views)
+        feats = stored_features(settings, store, embedder, opts.views, ts.ids, face_detector=face_detector,
+                                progress=progress, augment=opts.augment)  # fmt: skip
+    else:  # precomputed (``stored_features`` of these or more images and copies, maybe of fewer views)
         wanted = set(ts.ids)
-        feats = {v: _subset(f, wanted) for v, f in features.items()}
+        feats = {v: _subset(f, wanted, opts.augment.copies) for v, f in features.items()}
     models: dict[str, ViewModel] = {}
     views: dict[str, Any] = {}
     for view in VIEWS:
@@ -653,7 +723,7 @@ def train_detector(
                      "weights_sha256": embedder.weights_sha256},
         "view_config": opts.views.to_json(),
         "options": {"method": opts.method, "calibration": opts.calibration, "k": opts.k, "probe_c": opts.probe_c,
-                    "ood_quantile": opts.ood_quantile, "seed": opts.seed},
+                    "ood_quantile": opts.ood_quantile, "seed": opts.seed, "augmentation": opts.augment.to_json()},
         "training": {"generated": list(generated), "real": list(real), "collections": ts.counts,
                      "n_generated": int(sum(y)), "n_real": len(y) - int(sum(y))},
         "views": views,
@@ -812,7 +882,7 @@ def _cached_features(
         image_id = s.execute(select(Image.id).where(Image.sha256 == sha256)).scalar()
         if image_id is None:
             return None
-        keys = {config.key(v, f, embedder.model_key): (v, f) for v in VIEWS for f in ("clip", "spectrum")}
+        keys = {config.key(v, f, embedder.model_key): (v, f) for v in VIEWS for f in FEATURES}
         rows = s.execute(
             select(DetectorFeature.feature_key, DetectorFeature.vector).where(
                 DetectorFeature.image_id == image_id, DetectorFeature.feature_key.in_(list(keys))

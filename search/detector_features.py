@@ -13,6 +13,15 @@ are learns those. So every image, labelled or queried, goes through the same ste
    face-forensics CNNs;
 4. one identical **re-encode**: JPEG at ``jpeg_quality`` and decoded again, whatever the file was.
 
+Robustness to recompression and downscaling (``Augmentation``): a training image also gives ``copies`` degraded
+copies of its base, each downscaled to a longest side drawn from ``side`` (in pixels, never upscaled) and
+JPEG-encoded at a quality drawn from ``jpeg`` (seeded by the image's SHA-256, so a copy is the same whichever
+subset it is trained in), then made a base again as a query would be (``base_image``). The sizes are absolute, not
+factors of the base: the classes come at different sizes (1024/512/256 px GAN faces, 200 px UTKFace crops), and a
+0.5-1x factor left every small, blurred face in training a real one, so a generator downscaled to a profile
+picture was called real; drawn in pixels, both classes' copies have one distribution of sizes. The views of a
+copy are made from the same landmarks, scaled.
+
 Features of a view: its CLIP embedding (the store's CLIP model, L2-normalised) and, a family that owes nothing
 to CLIP, its azimuthally averaged log power spectrum (Durall et al. 2020, "Watch your up-convolution": the
 up-sampling of GAN generators leaves a distorted high-frequency spectrum).
@@ -63,16 +72,71 @@ class ViewConfig:
     def from_json(cls, doc: dict[str, Any]) -> ViewConfig:
         return cls(**{k: doc[k] for k in asdict(cls()) if k in doc})
 
-    def key(self, view: str, feature: str, model_key: str) -> str:
-        """The cache key of one feature of one view under this config (and, for CLIP, one model); the settings
-        that do not change a view do not change its key."""
+    def key(self, view: str, feature: str, model_key: str, variant: str = "") -> str:
+        """The cache key of one feature of one view under this config (and, for CLIP, one model; ``variant``: a
+        degraded copy, ``Augmentation.variant``); the settings that do not change a view do not change its key."""
         doc = self.to_json()
         if view == "image":
             doc = {k: v for k, v in doc.items() if k in ("image_px", "jpeg_quality")}
         else:
             doc.pop("image_px")
-        text = json.dumps([view, feature, model_key, doc], sort_keys=True)
+        parts: list[Any] = [view, feature, model_key, doc] + ([variant] if variant else [])
+        text = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The degraded copies each training image adds (``copies`` 0: none); both classes are degraded alike."""
+
+    copies: int = 2
+    jpeg: tuple[int, int] = (40, 95)  # JPEG quality, drawn uniformly (inclusive)
+    side: tuple[int, int] = (
+        96,
+        256,
+    )  # the copy's longest side in pixels, drawn uniformly (at most the base's)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.copies <= 8:
+            raise ValueError("copies must be between 0 and 8")
+        if not 10 <= self.jpeg[0] <= self.jpeg[1] <= 100:
+            raise ValueError("jpeg must be a (low, high) quality range within 10-100")
+        if not 16 <= self.side[0] <= self.side[1] <= 4096:
+            raise ValueError("side must be a (low, high) range of pixels within 16-4096")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"copies": self.copies, "jpeg": list(self.jpeg), "side": list(self.side), "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Augmentation:
+        return cls(int(doc["copies"]), (int(doc["jpeg"][0]), int(doc["jpeg"][1])),
+                   (int(doc["side"][0]), int(doc["side"][1])), int(doc["seed"]))  # fmt: skip
+
+    def variant(self, copy: int) -> str:
+        """What names copy ``copy`` (1 ..  ``copies``) in a cache key: the ranges, the seed and the index."""
+        return json.dumps({**self.to_json(), "copies": None, "copy": copy}, sort_keys=True)
+
+    def params(self, sha256: str, copy: int) -> tuple[int, int]:
+        """(longest side, JPEG quality) of copy ``copy`` of the image whose SHA-256 is ``sha256``."""
+        digest = hashlib.sha256(f"{self.seed}:{sha256}:{copy}".encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        side = int(rng.integers(self.side[0], self.side[1] + 1))
+        return side, int(rng.integers(self.jpeg[0], self.jpeg[1] + 1))
+
+    def copy_of(self, base: Image.Image, side: int, quality: int) -> Image.Image:
+        """The degraded copy of ``base`` that ``params`` drew, as a query of it would be seen (``base_image``)."""
+        return base_image(degrade(base, min(1.0, side / max(base.size)), quality))
+
+
+def degrade(image: Image.Image, scale: float, quality: int) -> Image.Image:
+    """``image`` rescaled by ``scale`` (antialiased), then JPEG-encoded at ``quality`` and decoded again: what a
+    re-upload does to a picture (figure 3 of the detector benchmark: 0.5, 50)."""
+    rgb = image.convert("RGB")
+    if scale != 1.0:
+        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+    return _jpeg(rgb, quality)
 
 
 def base_image(image: Image.Image) -> Image.Image:

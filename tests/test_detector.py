@@ -117,10 +117,14 @@ def test_detector_trained_on_collections_separates_unseen_images_and_records_its
     view = doc["views"]["image"]  # no face detector: the whole-image view only
     assert "face" not in doc["views"]
     assert set(view["unseen_generator_auc"]) == set(GENERATED)
+    assert view["n_generated"] == 10 and view["n_degraded_copies"] == 40  # 20 images, 2 degraded copies each
+    assert doc["options"]["augmentation"] == {"copies": 2, "jpeg": [40, 95], "side": [96, 256], "seed": 0}
+    # calibrated on the images and their copies alike (a query may be either)
     assert (
-        view["calibration"][view["method"]]["n_generated"] == 10
-        and view["calibration"]["probe"]["n_real"] == 10
+        view["calibration"][view["method"]]["n_generated"] == 30
+        and view["calibration"]["probe"]["n_real"] == 30
     )
+    assert set(view["degraded_copies"]["unseen_generator_auc"]) == set(GENERATED)
     assert "gan_a held out" in view["folds"]
     feats = stored_features(settings, store, clip, detector.views, test)["image"]
     results = [detector.score({"image": (feats.clip[n], feats.spec[n])}) for n in range(len(feats.ids))]
@@ -158,7 +162,7 @@ def test_stored_detector_round_trips_as_json_and_safetensors_without_pickle(
     doc = json.loads((folder / "round.json").read_text())
     assert doc["format"] == "sleuth-detector/1" and doc["weights"]["file"] == "round.safetensors"
     tensors = load_file(str(folder / "round.safetensors"))  # a plain tensor file: no code, no pickle
-    assert tensors["image.knn.bank"].shape == (40, clip.dim)
+    assert tensors["image.knn.bank"].shape == (3 * 40, clip.dim)  # 40 images and 2 degraded copies of each
     assert b"pickle" not in (folder / "round.safetensors").read_bytes()[:200]
     loaded = load_detector(store, "round")
     query = generated_like(7)
@@ -209,14 +213,16 @@ def test_cli_trains_lists_shows_detects_and_removes(corpus: tuple[Settings, str]
     data = ["--data-dir", str(settings.data_dir)]
     clip = ["--clip-model", model_id]
     result = runner.invoke(app, ["detectors", "train", "cli", "--generated", "gan_a,gan_b", "--real", "real_a",
-                                 "--real", "real_b", "--method", "probe", "--replace", *clip, *data, "--json"])  # fmt: skip
+                                 "--real", "real_b", "--method", "probe", "--augment-copies", "1", "--replace", *clip,
+                                 *data, "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["views"]["image"]["method"] == "probe" and doc["training"]["real"] == ["real_a", "real_b"]
+    assert doc["options"]["augmentation"]["copies"] == 1 and doc["views"]["image"]["n_degraded_copies"] == 40
     listed = json.loads(runner.invoke(app, ["detectors", "list", "--json", *data]).stdout)
     assert "cli" in [d["name"] for d in listed["detectors"]]
     shown = runner.invoke(app, ["detectors", "show", "cli", *data])
-    assert shown.exit_code == 0 and "calibration platt" in shown.stdout
+    assert shown.exit_code == 0 and "calibration platt" in shown.stdout and "degraded 1x" in shown.stdout
     query = tmp_path / "q.png"
     generated_like(42).save(query)
     out = runner.invoke(app, ["detect", str(query), "--detector", "cli", *clip, *data, "--json"])
@@ -286,3 +292,83 @@ def test_search_adds_the_detector_tier_and_says_when_it_is_off(
     )
     off = json.loads(runner.invoke(app, [*args, "--detector", "none"]).stdout.strip().splitlines()[-1])
     assert "detector" not in off["tiers"] and "detector" not in off
+
+
+def test_degraded_copies_are_seeded_per_image_within_their_ranges() -> None:
+    from search.detector_features import Augmentation, degrade
+
+    aug = Augmentation(copies=3, jpeg=(40, 95), side=(96, 256), seed=1)
+    draws = [aug.params(f"{n:064x}", c) for n in range(50) for c in (1, 2, 3)]
+    assert all(96 <= s <= 256 and 40 <= q <= 95 for s, q in draws)
+    assert len(set(draws)) > 40  # drawn, not one setting for all
+    assert aug.params("ab" * 32, 2) == Augmentation(copies=2, seed=1).params(
+        "ab" * 32, 2
+    )  # whatever the subset
+    assert aug.params("ab" * 32, 2) != Augmentation(seed=2).params("ab" * 32, 2)
+    assert aug.variant(1) != aug.variant(2) and aug.variant(1) == Augmentation(copies=1, seed=1).variant(1)
+    small = degrade(synthetic_photo(3, (200, 120)), 0.5, 50)
+    assert small.size == (100, 60) and small.mode == "RGB"
+    # sizes in pixels, whatever the class's own size (never upscaled): no "small means real" to learn
+    assert aug.copy_of(synthetic_photo(4, (512, 512)), 150, 60).size == (150, 150)
+    assert aug.copy_of(synthetic_photo(5, (200, 160)), 150, 60).size == (150, 120)
+    assert aug.copy_of(synthetic_photo(6, (200, 200)), 230, 60).size == (200, 200)
+    with pytest.raises(ValueError):
+        Augmentation(jpeg=(95, 40))
+    assert Augmentation.from_json(aug.to_json()) == aug
+
+
+def test_training_features_add_degraded_copies_of_each_image_once(corpus: tuple[Settings, str]) -> None:
+    from search.detector import TrainOptions, stored_features, train_detector, training_set
+    from search.detector_features import Augmentation
+
+    settings, _ = corpus
+    store, clip = _store_and_clip(settings)
+    ids = training_set(store, GENERATED, REAL).ids[:6]
+    aug = Augmentation(copies=2)
+    feats = stored_features(settings, store, clip, ViewConfig(), ids, augment=aug)["image"]
+    assert feats.ids == [i for i in ids for _ in range(3)] and feats.copy.tolist() == [0, 1, 2] * 6
+    assert not np.allclose(feats.spec[0], feats.spec[1]) and not np.allclose(feats.spec[1], feats.spec[2])
+    plain = stored_features(settings, store, clip, ViewConfig(), ids)["image"]
+    assert plain.copy.tolist() == [0] * 6 and np.allclose(plain.clip, feats.clip[feats.copy == 0])
+    calls: list[int] = []
+    stored_features(
+        settings, store, clip, ViewConfig(), ids, augment=aug, progress=lambda a, b: calls.append(a)
+    )
+    assert calls == []  # cached: nothing computed again
+    off = train_detector(settings, store, clip, "plain", generated=GENERATED, real=REAL, save=False,
+                         options=TrainOptions(augment=Augmentation(copies=0)))  # fmt: skip
+    assert (
+        off.doc["views"]["image"]["n_degraded_copies"] == 0
+        and "degraded_copies" not in off.doc["views"]["image"]
+    )
+    assert "degraded" not in off.scope()
+    on = train_detector(settings, store, clip, "aug", generated=GENERATED, real=REAL, save=False)
+    assert "each image also degraded 2x (JPEG 40-95, 96-256 px)" in on.scope()
+    store.dispose()
+
+
+def test_an_image_and_its_copies_stay_on_one_side_of_every_fold() -> None:
+    from search.detector import _folds
+
+    images = np.repeat(np.arange(12), 3)  # 12 images, 3 rows each
+    groups = np.array(["gen_a"] * 9 + ["gen_b"] * 9 + ["real"] * 18)
+    y = np.array([1] * 18 + [0] * 18)
+    folds = _folds(groups, y, 0, images)
+    assert {what for _, _, what in folds} == {"gen_a held out", "gen_b held out", "real held out by fifths"}
+    for train, test, _ in folds:
+        assert not set(images[train].tolist()) & set(images[test].tolist())
+
+
+def test_the_out_of_distribution_bound_leaves_out_an_images_own_copies() -> None:
+    from search.detector import TrainOptions, ViewModel, _loo_similarity
+
+    rng = np.random.default_rng(0)
+    originals = rng.normal(size=(8, 16))
+    clip = np.repeat(originals, 2, axis=0) + 0.01 * rng.normal(
+        size=(16, 16)
+    )  # each image twice, nearly alike
+    clip /= np.linalg.norm(clip, axis=1, keepdims=True)
+    y = np.array([1, 1, 0, 0] * 4)
+    model = ViewModel.fit(clip.astype(np.float32), rng.normal(size=(16, 4)), y, TrainOptions(k=1))
+    sims = _loo_similarity(model, clip.astype(np.float32), np.repeat(np.arange(8), 2))
+    assert sims.max() < 0.9  # its own copy (cosine ~1) is not its nearest training image
