@@ -455,7 +455,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     ensure_generator(settings, store, args.generator)
     t0 = time.perf_counter()
     for other in args.against:
-        ensure_generator(settings, store, other)
+        ensure_generator(settings, store, other, encoder=False)  # only its samples are needed
     cal = calibrate_generator(settings, args.generator, calibration_folder(args.work), k=args.k, seed=args.seed,
                               steps=args.steps or (args.msg_steps if args.generator == MSG else None),
                               store=store, other_generators=args.against, k_other=args.k_other)  # fmt: skip
