@@ -1,8 +1,9 @@
 """Calibration: turn a projection LPIPS into the probability that a face came from a given generator.
 
 ``calibrate_generator`` projects K samples of the generator and K real faces, each after the perturbations an
-image picks up on the web (``web_perturbation``: a random rescale between 0.25x and 4x of its size, a small crop
-jitter, a JPEG round trip at a random quality between 40 and 95), through exactly the path a query takes (decode,
+image picks up on the web (``web_perturbation``: a random rescale to between 0.25x and 4x of the generator's
+resolution, the same for both classes so that the fit cannot learn their sizes, a small crop jitter, a JPEG round
+trip at a random quality between 40 and 95), through exactly the path a query takes (decode,
 ``projection.face_prep``, projection, the evidence comparison), and keeps both empirical LPIPS distributions.
 ``Calibration.probability`` maps a new LPIPS to p(generated) with an isotonic (monotone non-increasing) fit of the
 class label on LPIPS, classes weighted equally (prior 1/2), bounded to [1/(n_generated+2), 1 - 1/(n_negative+2)] so
@@ -78,8 +79,18 @@ class WebPerturbation:
                 "max_side": self.max_side, "min_side": self.min_side}  # fmt: skip
 
 
-def web_perturbation(image: Image.Image, rng: random.Random, spec: WebPerturbation | None = None) -> bytes:
-    """``image`` as the JPEG bytes of one draw of ``spec``: crop jitter, rescale, JPEG. Decode them like a query."""
+def web_perturbation(
+    image: Image.Image,
+    rng: random.Random,
+    spec: WebPerturbation | None = None,
+    *,
+    reference_side: int | None = None,
+) -> bytes:
+    """``image`` as the JPEG bytes of one draw of ``spec``: crop jitter, rescale, JPEG. Decode them like a query.
+
+    ``reference_side``: the scale is drawn relative to this side (the generator's resolution) instead of the
+    image's own, so that images of any size (200 px photos, 64 px samples) come out at one distribution of sizes:
+    a calibration must not learn the classes' sizes."""
     spec = spec or WebPerturbation()
     image = image.convert("RGB")
     w, h = image.size
@@ -87,8 +98,8 @@ def web_perturbation(image: Image.Image, rng: random.Random, spec: WebPerturbati
     box = (round(cuts[0] * w), round(cuts[1] * h), w - round(cuts[2] * w), h - round(cuts[3] * h))
     cropped = image.crop(box)
     lo, hi = math.log(spec.scale[0]), math.log(spec.scale[1])
-    factor = math.exp(rng.uniform(lo, hi))
     side = max(cropped.size)
+    factor = math.exp(rng.uniform(lo, hi)) * (reference_side / side if reference_side else 1.0)
     factor = min(factor, spec.max_side / side) if factor > 1 else max(factor, spec.min_side / side)
     size = (max(1, round(cropped.width * factor)), max(1, round(cropped.height * factor)))
     resized = cropped.resize(size, Image.Resampling.LANCZOS if factor < 1 else Image.Resampling.BICUBIC)
@@ -367,12 +378,17 @@ def perturbed_queries(
     seed: int,
     spec: WebPerturbation | None = None,
     limits: Any | None = None,
+    reference_side: int | None = None,
 ) -> list[Any]:
-    """Each image after one ``web_perturbation`` draw (seeded), decoded as a query is (``DecodedImage``)."""
+    """Each image after one ``web_perturbation`` draw (seeded; scaled relative to ``reference_side`` when given),
+    decoded as a query is (``DecodedImage``)."""
     from indexer.decode import decode_image
 
     rng = random.Random(seed)
-    return [decode_image(web_perturbation(im, rng, spec), limits=limits) for im in images]
+    return [
+        decode_image(web_perturbation(im, rng, spec, reference_side=reference_side), limits=limits)
+        for im in images
+    ]
 
 
 def calibrate_generator(
@@ -418,14 +434,17 @@ def calibrate_generator(
             logger.warning("calibration: skipping %s: %s", path, exc)
     if not real_images:
         raise SourceError(f"no readable images under {real_dir}")
-    fake_queries = perturbed_queries(generator_samples(generator, k, seed=seed + 1), seed=seed + 2, spec=spec)
-    real_queries = perturbed_queries(real_images, seed=seed + 3, spec=spec)
+    side = generator.resolution  # every class is scaled around the generator's size: one size distribution
+    fake_queries = perturbed_queries(
+        generator_samples(generator, k, seed=seed + 1), seed=seed + 2, spec=spec, reference_side=side
+    )
+    real_queries = perturbed_queries(real_images, seed=seed + 3, spec=spec, reference_side=side)
     other_queries: list[Any] = []
     others = [o for o in dict.fromkeys(other_generators) if o != name]
     for i, other in enumerate(others):
         other_generator, _ = load_generator(settings, other, device=settings.device, store=store)
         samples = generator_samples(other_generator, k_other or max(1, k // 2), seed=seed + 10 + i)
-        other_queries += perturbed_queries(samples, seed=seed + 20 + i, spec=spec)
+        other_queries += perturbed_queries(samples, seed=seed + 20 + i, spec=spec, reference_side=side)
         del other_generator
     queries = fake_queries + real_queries + other_queries
     faces = prepare_faces(
@@ -444,7 +463,7 @@ def calibrate_generator(
         mse=([e.mse for e in parts[0]], [e.mse for e in parts[1]], [e.mse for e in parts[2]]),
         other_sizes=[f.size() for f in faces[n_fake + n_real :]],
         settings={
-            "k": k, "seed": seed, "perturbation": spec.to_json(), "real_dir": str(real_dir),
+            "k": k, "seed": seed, "perturbation": {**spec.to_json(), "relative_to_side": side}, "real_dir": str(real_dir),
             "other_generators": {o: k_other or max(1, k // 2) for o in others},
             "preparation": sorted({f.how for f in faces}), "projection": config.to_dict(),
             "encoder_sha256": info.encoder["sha256"] if info.encoder else None,

@@ -200,6 +200,14 @@ def test_web_perturbation_rescales_recrops_and_reencodes_within_its_ranges() -> 
     assert min(sides) >= 20 and max(sides) <= 128 and min(sides) < 40 and max(sides) > 90
     assert all(d.format == "JPEG" and 40 <= (d.jpeg_quality or 0) <= 95 for d in decoded)
     assert any(abs(d.width - d.height) >= 1 for d in decoded)  # the crop jitter cuts edges unequally
+    # relative to a reference side, a 200 px photo and a 64 px sample come out at one distribution of sizes
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 200, 3), dtype=np.uint8))
+    for source in (img, photo):
+        rng = random.Random(1)
+        sides = [
+            max(decode_image(web_perturbation(source, rng, reference_side=64)).image.size) for _ in range(40)
+        ]
+        assert 15 <= min(sides) < 32 and 128 < max(sides) <= 260
 
 
 def test_perturbation_keeps_the_size_and_changes_the_pixels_a_little() -> None:
@@ -224,7 +232,8 @@ def test_calibrate_generator_stores_both_distributions_on_the_registry(
     assert (cal.n_generated, cal.n_real) == (3, 3)
     stored = get_generator(proj_settings, "tiny").calibration
     assert stored is not None and stored["n_generated"] == 3 and stored["n_real"] == 3
-    assert stored["settings"]["preparation"] == ["centre-crop", "whole-image"]  # no detector: by shape
+    assert set(stored["settings"]["preparation"]) <= {"centre-crop", "whole-image"}  # no detector: by shape
+    assert stored["settings"]["perturbation"]["relative_to_side"] == 16  # both classes scaled around 16 px
     assert stored["settings"]["perturbation"]["jpeg_quality"] == [40, 95]
     assert max(cal.generated_lpips) < min(cal.real_lpips)
     # another generator's samples join the negative class, named in the settings
