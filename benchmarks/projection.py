@@ -220,7 +220,7 @@ def evidence_auc(generated: Sequence[Evidence], real: Sequence[Evidence]) -> flo
     calibrated p(generated) (faces judged by different metrics are comparable only through it)."""
     if not generated or not real:
         return None
-    if len({e.metric for e in [*generated, *real]}) == 1:
+    if len(metrics := {e.metric for e in [*generated, *real]}) == 1 and metrics <= {"lpips", "mse"}:
         return auc_of([e.evidence_distance for e in generated], [e.evidence_distance for e in real])
     return calibrated_auc(generated, real)
 

@@ -155,6 +155,9 @@ class Calibration:
     real_sizes: list[int] = field(default_factory=list)
     other_lpips: list[float] = field(default_factory=list)  # samples of other generators (negative class)
     pixel: Calibration | None = None  # the map on pixel MSE of the samples under PIXEL_METRIC_BELOW px
+    pixel_large: Calibration | None = (
+        None  # the map on pixel MSE of the larger samples (both measures judge them)
+    )
 
     SIZE_SLACK = 0.75  # a query face down to this share of the smallest calibrated size is still covered
 
@@ -232,14 +235,20 @@ class Calibration:
         cal = cls(gen, real, knots, probs, METHOD, dict(settings or {}), [int(v) for v in generated_sizes],
                   [int(v) for v in real_sizes], other)  # fmt: skip
         if mse is not None:
-            cal.pixel = _pixel_fit(mse, generated_sizes, real_sizes, other_sizes)
+            cal.pixel = _pixel_fit(mse, generated_sizes, real_sizes, other_sizes, small=True)
+            cal.pixel_large = _pixel_fit(mse, generated_sizes, real_sizes, other_sizes, small=False)
         return cal
 
     def probability_for(self, lpips: float, mse: float, effective_size: int) -> tuple[float, str]:
-        """p(generated) of a face and the metric it was judged by (``evidence_metric``; a calibration without a
-        pixel map judges every face by LPIPS, as calibrations made before it did)."""
-        if evidence_metric(effective_size) == "mse" and self.pixel is not None:
-            return self.pixel.probability(mse), "mse"
+        """p(generated) of a face and what it was judged by: under 64 px the pixel MSE map (``"mse"``); larger,
+        the lower of the LPIPS and the pixel MSE maps (``"lpips+mse"``): the generator's own face reproduces by
+        both measures, where another generator's look-alike passes one (perceptually close but pixel-far, or the
+        other way round). A calibration without those maps judges every face by LPIPS, as older ones did."""
+        if evidence_metric(effective_size) == "mse":
+            if self.pixel is not None:
+                return self.pixel.probability(mse), "mse"
+        elif self.pixel_large is not None:
+            return min(self.probability(lpips), self.pixel_large.probability(mse)), "lpips+mse"
         return self.probability(lpips), "lpips"
 
     def probability(self, lpips: float) -> float:
@@ -278,6 +287,7 @@ class Calibration:
             "n_other": self.n_other,
             "other_lpips": self.other_lpips,
             "pixel": None if self.pixel is None else self.pixel.to_json(),
+            "pixel_large": None if self.pixel_large is None else self.pixel_large.to_json(),
         }
 
     @classmethod
@@ -294,15 +304,16 @@ class Calibration:
                 real_sizes=[int(v) for v in doc.get("real_sizes") or []],
                 other_lpips=[float(v) for v in doc.get("other_lpips") or []],
                 pixel=cls.from_json(doc["pixel"]) if doc.get("pixel") else None,
+                pixel_large=cls.from_json(doc["pixel_large"]) if doc.get("pixel_large") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a stored calibration: {exc}") from exc
         if cal.method != METHOD:  # an older fit: refit from the stored samples
-            pixel = cal.pixel
+            pixel, pixel_large = cal.pixel, cal.pixel_large
             cal = cls.fit(cal.generated_lpips, cal.real_lpips, settings=cal.settings,
                           generated_sizes=cal.generated_sizes, real_sizes=cal.real_sizes,
                           other_lpips=cal.other_lpips)  # fmt: skip
-            cal.pixel = pixel
+            cal.pixel, cal.pixel_large = pixel, pixel_large
         return cal
 
 
@@ -311,22 +322,27 @@ def _pixel_fit(
     generated_sizes: Sequence[int],
     real_sizes: Sequence[int],
     other_sizes: Sequence[int],
+    *,
+    small: bool,
 ) -> Calibration | None:
-    """The isotonic map on pixel MSE of the samples under ``PIXEL_METRIC_BELOW`` px (None with too few)."""
+    """The isotonic map on pixel MSE of the samples under ``PIXEL_METRIC_BELOW`` px (``small``), or of the others
+    (None with too few)."""
     gen_mse, real_mse, other_mse = mse
 
-    def small(values: Sequence[float], sizes: Sequence[int]) -> list[float]:
-        return [
-            float(v) for v, size in zip(values, sizes, strict=True) if evidence_metric(int(size)) == "mse"
-        ]
+    def wanted(size: int) -> bool:
+        return (evidence_metric(int(size)) == "mse") == small
 
-    gen, real = small(gen_mse, generated_sizes), small(real_mse, real_sizes)
-    other = small(other_mse, other_sizes) if other_sizes else []
+    def pick(values: Sequence[float], sizes: Sequence[int]) -> list[float]:
+        return [float(v) for v, size in zip(values, sizes, strict=True) if wanted(size)]
+
+    gen, real = pick(gen_mse, generated_sizes), pick(real_mse, real_sizes)
+    other = pick(other_mse, other_sizes) if other_sizes else []
     if min(len(gen), len(real)) < MIN_PIXEL_SAMPLES:
         return None
-    return Calibration.fit(gen, real, other_lpips=other, settings={"metric": "mse", "below": PIXEL_METRIC_BELOW},
-                           generated_sizes=[s for s in generated_sizes if s < PIXEL_METRIC_BELOW],
-                           real_sizes=[s for s in real_sizes if s < PIXEL_METRIC_BELOW])  # fmt: skip
+    band = {"below": PIXEL_METRIC_BELOW} if small else {"from": PIXEL_METRIC_BELOW}
+    return Calibration.fit(gen, real, other_lpips=other, settings={"metric": "mse", **band},
+                           generated_sizes=[s for s in generated_sizes if wanted(s)],
+                           real_sizes=[s for s in real_sizes if wanted(s)])  # fmt: skip
 
 
 def sample_sizes_words(sizes: dict[str, int] | None) -> str:

@@ -67,9 +67,8 @@ class Evidence:
     start_index: int = 0
     face: dict[str, Any] = field(default_factory=dict)  # how the face was prepared (PreparedFace.to_json)
     probability_note: str | None = None  # why there is no probability, when there is none
-    metric: str = (
-        "lpips"  # what the face is judged by: "lpips", or "mse" for a face under 64 px (calibration)
-    )
+    # what the face is judged by (Calibration.probability_for): "lpips", "mse" (a face under 64 px) or "lpips+mse"
+    metric: str = "lpips"
 
     @property
     def reproducing_match(self) -> LatentMatch | None:

@@ -152,7 +152,7 @@ def test_other_generators_samples_join_the_negative_class_of_a_calibration() -> 
     assert sample_sizes_words(against.sizes()) == "40 generated / 40 real faces / 40 of other generators"
 
 
-def test_faces_under_64_px_are_judged_by_a_pixel_mse_map_of_the_small_samples() -> None:
+def test_small_faces_are_judged_by_pixel_mse_and_larger_ones_by_both_lpips_and_mse() -> None:
     rng = np.random.default_rng(5)
     n = 40
     sizes = [32] * n + [128] * n
@@ -169,13 +169,17 @@ def test_faces_under_64_px_are_judged_by_a_pixel_mse_map_of_the_small_samples() 
     p_small, metric = cal.probability_for(0.05, 0.01, 32)
     assert metric == "mse" and p_small > 0.9
     assert cal.probability_for(0.05, 0.04, 32)[0] < 0.1
-    p_large, metric = cal.probability_for(0.03, 0.04, 128)
-    assert metric == "lpips" and p_large > 0.9
+    # larger faces are judged by both maps: a look-alike close by one measure and far by the other is not it
+    assert cal.pixel_large is not None and cal.pixel_large.n_generated == n
+    p_large, metric = cal.probability_for(0.03, 0.01, 128)
+    assert metric == "lpips+mse" and p_large > 0.9
+    assert cal.probability_for(0.03, 0.04, 128)[0] < 0.1 and cal.probability_for(0.2, 0.01, 128)[0] < 0.1
     again = Calibration.from_json(cal.to_json())
     assert again.pixel is not None and again.probability_for(0.05, 0.01, 32) == (p_small, "mse")
+    assert again.probability_for(0.03, 0.01, 128) == (p_large, "lpips+mse")
     # a calibration without small samples (or made before the pixel map) judges every face by LPIPS
     old = Calibration.fit(gen_lp[n:], real_lp[n:])
-    assert old.pixel is None and old.probability_for(0.03, 0.04, 32)[1] == "lpips"
+    assert old.pixel is None and old.pixel_large is None and old.probability_for(0.03, 0.04, 32)[1] == "lpips"
 
 
 def test_a_calibration_gives_no_probability_below_the_face_sizes_it_measured() -> None:
