@@ -371,6 +371,24 @@ def _probability(
 RERANK_SIZE = 64  # stored latents' images and the face are compared at this size (or the face's, if smaller)
 
 
+def render_stored(
+    generator: Any, space: str, matches: Sequence[LatentMatch], matcher: LatentMatcher, *, preview: bool
+) -> torch.Tensor:
+    """The images of the stored latents of ``matches`` ``[n, 3, R, R]`` on the CPU, rendered a memory-bounded
+    chunk at a time: full resolution, or ``preview`` (``Generator.synthesize_preview``)."""
+    vecs = matcher.vectors([m.latent_id for m in matches])
+    shape = generator.latent_shape(space)
+    device = next(generator.parameters()).device
+    render = generator.synthesize_preview if preview else generator.synthesize
+    chunk = max(1, 2**22 // generator.resolution**2)
+    parts: list[torch.Tensor] = []
+    with torch.no_grad():
+        latents = torch.from_numpy(np.stack([vecs[m.latent_id] for m in matches])).reshape(-1, *shape)
+        for lo in range(0, len(latents), chunk):
+            parts.append(render(latents[lo : lo + chunk].to(device), space).cpu())
+    return torch.cat(parts)
+
+
 def rerank_by_image(
     generator: Any, space: str, face: PreparedFace, found: list[LatentMatch], matcher: LatentMatcher
 ) -> list[LatentMatch]:
@@ -382,21 +400,11 @@ def rerank_by_image(
     """
     if not found:
         return found
-    vecs = matcher.vectors([m.latent_id for m in found])
-    shape = generator.latent_shape(space)
-    device = next(generator.parameters()).device
     target = compare_target(face)
     size = min(RERANK_SIZE, target.size)
     want = resize_to(target.image[None], size)  # [1, 3, s, s]
-    chunk = max(1, 2**22 // generator.resolution**2)
-    errors: list[float] = []
-    with torch.no_grad():
-        latents = torch.from_numpy(np.stack([vecs[m.latent_id] for m in found])).reshape(-1, *shape)
-        for lo in range(0, len(latents), chunk):
-            images = generator.synthesize_preview(
-                latents[lo : lo + chunk].to(device), space
-            ).cpu()  # [c, 3, P, P]
-            errors += (resize_to(images, size) - want).square().mean(dim=(1, 2, 3)).tolist()
+    images = render_stored(generator, space, found, matcher, preview=True)  # [n, 3, P, P]
+    errors = (resize_to(images, size) - want).square().mean(dim=(1, 2, 3)).tolist()
     for m, e in zip(found, errors, strict=True):
         m.image_mse = float(e)
     return sorted(found, key=lambda m: m.image_mse if m.image_mse is not None else float("inf"))
@@ -416,17 +424,9 @@ def score_best_matches(
     pairs = [(face, found[0]) for face, found in zip(faces, matches, strict=True) if found]
     if not pairs:
         return
-    vecs = matcher.vectors([m.latent_id for _, m in pairs])
-    shape = generator.latent_shape(space)
-    device = next(generator.parameters()).device
-    chunk = max(1, 2**22 // generator.resolution**2)
-    images: list[torch.Tensor] = []
-    with torch.no_grad():
-        latents = torch.from_numpy(np.stack([vecs[m.latent_id] for _, m in pairs])).reshape(-1, *shape)
-        for lo in range(0, len(latents), chunk):
-            images += list(generator.synthesize(latents[lo : lo + chunk].to(device), space).cpu())
+    images = render_stored(generator, space, [m for _, m in pairs], matcher, preview=False)
     scores = evidence_scores(
-        lpips_model, images, [face for face, _ in pairs], lpips_resolution=config.lpips_resolution
+        lpips_model, list(images), [face for face, _ in pairs], lpips_resolution=config.lpips_resolution
     )
     for (_, match), (lp, _mse) in zip(pairs, scores, strict=True):
         match.image_lpips = float(lp)
